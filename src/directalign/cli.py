@@ -1,0 +1,130 @@
+"""The ``directalign`` command line.
+
+    directalign train                                  # the default job: SRPO + LoRA on the tiny world (CPU)
+    directalign train --config my.yaml --set train.steps=100 --set srpo.window=[10,25]
+    directalign train --config my.yaml --resume        # continue the run in run.output_dir exactly
+    directalign world demo                             # generate a grid with the tiny world and score it
+    directalign world gates                            # measure the tiny world's quality gates
+    directalign world build --out DIR                  # retrain the tiny world from scratch
+
+User errors (bad config, paths, prompts, checkpoints) print one line on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from importlib import resources
+from pathlib import Path
+
+EXIT_USER_ERROR = 2
+
+
+def packaged_config(name: str) -> Path:
+    return Path(str(resources.files("directalign"))) / "configs" / f"{name}.yaml"
+
+
+def resolve_config_path(value: str | None) -> Path:
+    """A path, or the name of a shipped config (``tiny-srpo``, ``flux-dev-srpo-hpsv2``, ...)."""
+    if value is None:
+        return packaged_config("tiny-srpo")
+    p = Path(value)
+    if p.exists() or p.suffix in (".yaml", ".yml"):
+        return p
+    shipped = packaged_config(value)
+    return shipped if shipped.is_file() else p
+
+
+def _user_errors():
+    from .engine.checkpoint import CheckpointError
+    from .engine.config import ConfigError
+    from .engine.trainer import TrainingError
+    from .prompts import PromptError
+
+    return (ConfigError, TrainingError, PromptError, CheckpointError, FileNotFoundError)
+
+
+def cmd_train(args) -> int:
+    from .engine.config import load_config
+    from .engine.trainer import train
+
+    cfg = load_config(resolve_config_path(args.config), args.set)
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return 0
+    result = train(cfg, resume=args.resume, overwrite=args.overwrite,
+                   max_steps_this_session=args.max_steps_this_session)
+    s = result.summary
+    if "reward_after" in s:
+        bo = next((v for k, v in s.items() if k.startswith("reward_best_of")), None)
+        print(f"done: {result.run_dir}")
+        print(f"held-out reward: before {s.get('reward_before', float('nan')):.4f}"
+              + (f"  best-of-{cfg.eval.best_of} {bo:.4f}" if bo is not None else "")
+              + f"  after {s['reward_after']:.4f}")
+        if s.get("judge_after"):
+            jb, ja = s.get("judge_before") or {}, s["judge_after"]
+            for key in ("textured_share", "dark_share", "fg", "bg", "shape"):
+                if key in ja:
+                    print(f"  {key:15s} {jb.get(key, float('nan')):.3f} -> {ja[key]:.3f}")
+    else:
+        print(f"stopped at step {s.get('step')}: {result.run_dir} (continue with --resume)")
+    return 0
+
+
+def cmd_world(args) -> int:
+    if args.world_cmd == "build":
+        from .world.build import main as build_main
+
+        build_main(args.rest)
+        return 0
+    if args.world_cmd == "gates":
+        from .world.gates import main as gates_main
+
+        gates_main(args.rest)
+        return 0
+    from .world.demo import main as demo_main
+
+    demo_main(args.rest)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="directalign", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command")
+    t = sub.add_parser("train", help="fine-tune a generator against a reward (default: SRPO on the tiny world)")
+    t.add_argument("--config", help="YAML file or shipped config name (default: tiny-srpo)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one setting, e.g. --set train.steps=100 (repeatable)")
+    t.add_argument("--resume", action="store_true", help="continue the run in run.output_dir from its newest "
+                                                         "complete checkpoint")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    t.add_argument("--max-steps-this-session", type=int, default=None, help=argparse.SUPPRESS)
+    w = sub.add_parser("world", help="the embedded tiny world: demo | gates | build")
+    w.add_argument("world_cmd", choices=("demo", "gates", "build"))
+    w.add_argument("rest", nargs=argparse.REMAINDER)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        if args.command == "train":
+            return cmd_train(args)
+        return cmd_world(args)
+    except _user_errors() as e:
+        print(f"directalign: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("directalign: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,366 @@
+"""Typed, validated run configuration: YAML file + ``--set key=value`` overrides.
+
+Every field has the official SRPO setting or a documented default (srpo-method-notes sections 3 and 7). Unknown
+keys, wrong types and out-of-range values raise :class:`ConfigError` with one line naming the key and what is
+allowed. ``directalign train --print-config`` shows the resolved configuration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user error in a configuration: the message names the key and the fix."""
+
+
+# ----------------------------------------------------------------------------------------------------- sections
+@dataclass
+class ModelConfig:
+    family: str = "flux"
+    # "tiny-world" is the generator shipped with the package; otherwise a hub id or a local diffusers directory.
+    path: str = "tiny-world"
+    dtype: str = "float32"  # weights dtype: float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    height: int = 32
+    width: int = 32
+    max_sequence_length: int = 0  # 0: the tokenizer's own length, capped at 512
+    # A run of another model may continue from these weights only; resume checks it.
+
+
+@dataclass
+class RewardConfig:
+    kind: str = "tiny-world"  # tiny-world | clip (any transformers CLIPModel dir or hub id)
+    path: str = "tiny-world"
+    form: str = "official"  # official | paper | relative | absolute
+    positive_words: list[str] = field(default_factory=lambda: ["textured"])
+    negative_words: list[str] = field(default_factory=lambda: ["flat"])
+    selection: str = "round_robin"  # round_robin (official) | random
+    use_logit_scale: bool = False  # PickScore / CLIP: True with divisor 20 as in the official code
+    divisor: float = 1.0
+
+
+@dataclass
+class SRPOConfig:
+    rollout_steps: int = 25  # official sampling_steps
+    shift: float = 3.0  # official; SD3-style s*t/(1+(s-1)t)
+    rollout_guidance: float = 1.0  # official HPS script (PickScore script: 2)
+    train_guidance: float = 3.5  # official hard-codes 3.5 in the differentiable forward
+    noise_prior: str = "rollout"  # rollout (official: the rollout's own initial noise) | fresh
+    share_noise_across_ranks: bool = True  # official broadcasts rank 0's noise
+    schedule_steps: int = 50  # the inference schedule t0/t1 index into (official vis_sampling_step)
+    window: list[int] = field(default_factory=lambda: [5, 25])  # official train_timestep (HPS script)
+    grid_points: int = 1000  # official timestep_length
+    groundtruth_ratio: float = 0.9  # official; model share Delta-sigma ~ 0.0215 on the HPS window
+    window_margin: int = 5  # m ~ U{margin, N - margin - 1}
+    denoise_branch: bool = True
+    inversion_branch: bool = True
+    discount_mode: str = "k"  # k (official FLUX: k in (1+k)pos - neg) | multiplicative (Qwen code)
+    discount_pos: list[float] = field(default_factory=lambda: [0.1, 0.25])
+    discount_inv: list[float] = field(default_factory=lambda: [0.3, 0.01])
+    multiplicative_shift: float = 3.0
+    loss: str = "hinge"  # hinge relu(tau - r) (official, after ReFL) | linear -r
+    hinge_threshold: float = 0.7
+    quantize_timestep: int = 1000  # official int(sigma*1000)/1000; 0 = off
+    samples_per_rollout: int = 1  # Direct-Align draws per branch from one rollout
+    offline_data: str = ""  # folder of images with captions (or a jsonl manifest); empty = online
+    offline_until_step: int = -1  # switch to online rollouts at this step; -1 = offline for the whole run
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 20
+    batch_size: int = 1  # prompts per step per process
+    learning_rate: float = 5e-6
+    weight_decay: float = 1e-4
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
+    grad_clip: float = 0.1
+    lr_schedule: str = "constant"  # constant | cosine | linear
+    warmup_steps: int = 0
+    ema_decay: float = 0.0  # 0 disables EMA
+    finetune: str = "lora"  # lora | full
+    lora_rank: int = 16
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=list)  # empty: the adapter's defaults
+    gradient_checkpointing: bool = False
+    vae_checkpointing: bool = False
+    mixed_precision: str = "no"  # no | bf16 (autocast on CUDA only)
+    on_nonfinite: str = "skip"  # skip (log and skip the step) | abort
+    seed: int = 42
+    prompts: str = "tiny-world:train"  # tiny-world:train | path to .txt / .jsonl / .csv
+    shuffle_prompts: bool = True  # the official code does not shuffle (DistributedSampler shuffle=False)
+
+
+@dataclass
+class EvalConfig:
+    prompts: str = "tiny-world:heldout"
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    steps: int = 25
+    guidance: float = 3.5
+    best_of: int = 4  # the base model's best-of-n on the same prompts and seeds
+    before: bool = True  # evaluate the base model too
+    batch_size: int = 32
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/srpo-tiny"
+    checkpoint_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    progress: bool = True
+    tensorboard: bool = False
+    report: bool = True
+
+
+@dataclass
+class Config:
+    method: str = "srpo"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    srpo: SRPOConfig = field(default_factory=SRPOConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+CHOICES: dict[str, tuple] = {
+    "method": ("srpo", "direct-align"),
+    "model.family": ("flux",),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "reward.kind": ("tiny-world", "clip"),
+    "reward.form": ("official", "paper", "relative", "absolute"),
+    "reward.selection": ("round_robin", "random"),
+    "srpo.noise_prior": ("rollout", "fresh"),
+    "srpo.discount_mode": ("k", "multiplicative"),
+    "srpo.loss": ("hinge", "linear"),
+    "train.lr_schedule": ("constant", "cosine", "linear"),
+    "train.finetune": ("lora", "full"),
+    "train.mixed_precision": ("no", "bf16"),
+    "train.on_nonfinite": ("skip", "abort"),
+}
+
+
+# ----------------------------------------------------------------------------------------------------- parsing
+def _coerce(value, tp, key: str):
+    """Check and convert one value to the annotated type; raise ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            if option is type(None) and value is None:
+                return None
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown config key '{where}{unknown[0]}'; allowed keys here: {', '.join(names)}")
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        key = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, data[name], key)
+        else:
+            kwargs[name] = _coerce(data[name], tp, key)
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """``"srpo.window=[10,25]"`` -> ``{"srpo": {"window": [10, 25]}}`` (the value is parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set train.steps=100")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {text!r}: the key is empty or malformed")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    node: dict = {}
+    cur = node
+    parts = key.split(".")
+    for part in parts[:-1]:
+        cur[part] = {}
+        cur = cur[part]
+    cur[parts[-1]] = value
+    return node
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist; pass an existing YAML file to --config")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(p)!r} is not UTF-8 text; save it as UTF-8 YAML") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML{where}; fix its syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections (model:, reward:, srpo:, ...)")
+    return data
+
+
+def build_config(data: dict | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- data <- each ``key=value`` override, then validation."""
+    merged = dict(data or {})
+    for text in overrides or []:
+        merged = _deep_merge(merged, parse_override(text))
+    cfg = _build(Config, merged, "")
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    return build_config(load_yaml(path) if path else {}, overrides)
+
+
+# --------------------------------------------------------------------------------------------------- validation
+def _get(cfg: Config, dotted: str):
+    obj = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: Config) -> None:
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+
+    t, s, m, r, e, run = cfg.train, cfg.srpo, cfg.model, cfg.reward, cfg.eval, cfg.run
+    need(t.steps >= 1, f"train.steps: must be >= 1, got {t.steps}")
+    need(t.batch_size >= 1, f"train.batch_size: must be >= 1, got {t.batch_size}")
+    need(t.learning_rate > 0, f"train.learning_rate: must be > 0, got {t.learning_rate}")
+    need(t.weight_decay >= 0, f"train.weight_decay: must be >= 0, got {t.weight_decay}")
+    need(len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas),
+         f"train.adam_betas: need two numbers in [0, 1), got {t.adam_betas}")
+    need(t.grad_clip >= 0, f"train.grad_clip: must be >= 0 (0 disables clipping), got {t.grad_clip}")
+    need(t.warmup_steps >= 0, f"train.warmup_steps: must be >= 0, got {t.warmup_steps}")
+    need(0 <= t.ema_decay < 1, f"train.ema_decay: must be in [0, 1), got {t.ema_decay}")
+    need(t.lora_rank >= 1, f"train.lora_rank: must be >= 1, got {t.lora_rank}")
+    need(t.lora_alpha > 0, f"train.lora_alpha: must be > 0, got {t.lora_alpha}")
+    need(0 <= t.lora_dropout < 1, f"train.lora_dropout: must be in [0, 1), got {t.lora_dropout}")
+    need(m.height >= 8 and m.width >= 8, f"model.height/width: must be >= 8, got {m.height}x{m.width}")
+    need(m.max_sequence_length >= 0 and m.max_sequence_length <= 512,
+         f"model.max_sequence_length: must be in [0, 512], got {m.max_sequence_length}")
+    need(bool(m.path), "model.path: empty; give 'tiny-world', a hub id or a local diffusers directory")
+    need(r.divisor > 0, f"reward.divisor: must be > 0, got {r.divisor}")
+    if r.form != "absolute":
+        need(bool(r.positive_words) and bool(r.negative_words),
+             f"reward.positive_words/negative_words: the {r.form!r} form needs both lists non-empty")
+    need(s.rollout_steps >= 1, f"srpo.rollout_steps: must be >= 1, got {s.rollout_steps}")
+    need(s.shift > 0, f"srpo.shift: must be > 0, got {s.shift}")
+    need(s.schedule_steps >= 2, f"srpo.schedule_steps: must be >= 2, got {s.schedule_steps}")
+    need(len(s.window) == 2, f"srpo.window: need two indices [t0, t1], got {s.window}")
+    t0, t1 = s.window
+    need(0 <= t0 < t1 <= s.schedule_steps,
+         f"srpo.window: need 0 <= t0 < t1 <= srpo.schedule_steps ({s.schedule_steps}), got [{t0}, {t1}]")
+    need(t0 >= 1, "srpo.window: t0 = 0 trains at sigma = 1 (pure noise), which cannot be recovered; use t0 >= 1")
+    need(0 <= s.groundtruth_ratio < 1, f"srpo.groundtruth_ratio: must be in [0, 1), got {s.groundtruth_ratio}")
+    need(s.window_margin >= 1, f"srpo.window_margin: must be >= 1, got {s.window_margin}")
+    need(s.grid_points >= 2 * s.window_margin + 2,
+         f"srpo.grid_points: must be >= 2 * window_margin + 2 = {2 * s.window_margin + 2}, got {s.grid_points}")
+    need(s.denoise_branch or s.inversion_branch,
+         "srpo.denoise_branch/inversion_branch: both are off; enable at least one")
+    need(len(s.discount_pos) == 2 and len(s.discount_inv) == 2,
+         "srpo.discount_pos/discount_inv: need [start, end] pairs")
+    need(s.multiplicative_shift > 0, f"srpo.multiplicative_shift: must be > 0, got {s.multiplicative_shift}")
+    need(s.hinge_threshold > -1e9, "srpo.hinge_threshold: must be a finite number")
+    need(s.quantize_timestep >= 0, f"srpo.quantize_timestep: must be >= 0, got {s.quantize_timestep}")
+    need(s.samples_per_rollout >= 1, f"srpo.samples_per_rollout: must be >= 1, got {s.samples_per_rollout}")
+    need(s.offline_until_step >= -1, f"srpo.offline_until_step: must be >= -1, got {s.offline_until_step}")
+    need(bool(e.seeds), "eval.seeds: need at least one seed")
+    need(e.steps >= 1, f"eval.steps: must be >= 1, got {e.steps}")
+    need(e.best_of >= 1, f"eval.best_of: must be >= 1, got {e.best_of}")
+    need(e.batch_size >= 1, f"eval.batch_size: must be >= 1, got {e.batch_size}")
+    need(run.checkpoint_every >= 0, f"run.checkpoint_every: must be >= 0, got {run.checkpoint_every}")
+    need(run.keep_checkpoints >= 1, f"run.keep_checkpoints: must be >= 1, got {run.keep_checkpoints}")
+    need(run.log_every >= 1, f"run.log_every: must be >= 1, got {run.log_every}")
+    need(bool(run.output_dir), "run.output_dir: empty; give a directory for the run")
+
+
+def diff_from_defaults(cfg: Config) -> dict:
+    """Flattened ``{"a.b": value}`` of every setting that differs from the defaults (for logs)."""
+    out: dict = {}
+
+    def walk(a, b, prefix):
+        for f in dataclasses.fields(a):
+            va, vb = getattr(a, f.name), getattr(b, f.name)
+            key = f"{prefix}{f.name}"
+            if dataclasses.is_dataclass(va):
+                walk(va, vb, key + ".")
+            elif va != vb:
+                out[key] = va
+
+    walk(cfg, Config(), "")
+    return out

@@ -1,0 +1,432 @@
+"""The training engine: setup, the step loop, checkpoints, resume, logging, evaluation and export.
+
+It knows no method internals: the method object exposes ``accumulate_gradients`` (runs the differentiable passes
+of one step and calls backward) and ``nfe``. Every random draw of step ``t`` comes from generators seeded with
+``(seed, rank, t)``, and the prompt order is a pure function of ``(seed, epoch)``, so a run resumed at step k
+replays exactly what an uninterrupted run does.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from . import checkpoint as ckpt
+from .config import Config
+
+
+class TrainingError(RuntimeError):
+    """A run cannot start or continue; the message says why and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def seed_for(seed: int, rank: int, step: int, stream: int = 0) -> int:
+    """A well-mixed 63-bit seed for (seed, rank, step, stream)."""
+    x = (seed * 0x9E3779B97F4A7C15 + rank * 0xBF58476D1CE4E5B9 + step * 0x94D049BB133111EB + stream * 0x2545F491)
+    x &= (1 << 64) - 1
+    x ^= x >> 31
+    x = (x * 0xD6E8FEB86659FD93) & ((1 << 64) - 1)
+    x ^= x >> 32
+    return x & ((1 << 63) - 1)
+
+
+class PromptSampler:
+    """Batch ``step`` of rank ``rank``: epochs are seeded permutations (or the file order), sharded by rank."""
+
+    def __init__(self, prompts: list[str], batch_size: int, seed: int, shuffle: bool, rank: int = 0,
+                 world_size: int = 1):
+        self.prompts, self.batch_size, self.seed, self.shuffle = prompts, batch_size, seed, shuffle
+        self.rank, self.world_size = rank, world_size
+
+    def _order(self, epoch: int) -> list[int]:
+        n = len(self.prompts)
+        if not self.shuffle:
+            return list(range(n))
+        g = torch.Generator().manual_seed(seed_for(self.seed, 0, epoch, stream=7))
+        return torch.randperm(n, generator=g).tolist()
+
+    def position(self, step: int, slot: int) -> tuple[int, int]:
+        """(epoch, index in the epoch's order) of the ``slot``-th prompt of ``step`` for this rank."""
+        flat = (step * self.world_size + self.rank) * self.batch_size + slot
+        return divmod(flat, len(self.prompts))
+
+    def batch(self, step: int) -> list[str]:
+        out = []
+        for slot in range(self.batch_size):
+            epoch, i = self.position(step, slot)
+            out.append(self.prompts[self._order(epoch)[i]])
+        return out
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainingError(f"model.device={name!r} but no CUDA device is available; use model.device=cpu")
+    return torch.device(name)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+def load_adapter(cfg: Config, device: torch.device):
+    from ..adapters.flux import FluxAdapter
+
+    m = cfg.model
+    path = m.path
+    if path == "tiny-world":
+        from ..world.load import load_pipeline
+
+        pipe = load_pipeline(DTYPES[m.dtype]).to(device)
+        return FluxAdapter(pipe, m.max_sequence_length or None)
+    p = Path(path)
+    if (path.startswith((".", "/", "~")) or p.exists()) and not (p / "model_index.json").is_file():
+        raise TrainingError(f"model.path {path!r} is not a diffusers model directory (no model_index.json); give "
+                            "a directory saved with save_pretrained or a hub id")
+    try:
+        return FluxAdapter.from_pretrained(path, dtype=DTYPES[m.dtype], device=str(device),
+                                           max_sequence_length=m.max_sequence_length or None)
+    except (OSError, ValueError) as e:
+        raise TrainingError(f"could not load model.path {path!r}: {str(e).splitlines()[0]}") from None
+
+
+def load_reward(cfg: Config, device: torch.device):
+    from ..rewards.clip import CLIPReward
+
+    r = cfg.reward
+    if r.kind == "tiny-world":
+        from ..world.load import load_reward as load_tiny
+
+        reward = load_tiny()
+    else:
+        try:
+            reward = CLIPReward.from_pretrained(r.path, use_logit_scale=r.use_logit_scale, divisor=r.divisor)
+        except (OSError, ValueError) as e:
+            raise TrainingError(f"could not load reward.path {r.path!r} as a CLIP model: "
+                                f"{str(e).splitlines()[0]}") from None
+    return reward.to(device)
+
+
+def make_method(cfg: Config, adapter, reward):
+    from ..methods.srpo import SRPO
+
+    return SRPO(cfg, adapter, reward)
+
+
+def apply_finetune_mode(cfg: Config, adapter) -> list[torch.nn.Parameter]:
+    """LoRA (peft) or full fine-tuning of the transformer; everything else frozen. Returns the trainable params."""
+    t = cfg.train
+    transformer = adapter.transformer
+    transformer.requires_grad_(False)
+    if t.finetune == "lora":
+        from peft import LoraConfig
+
+        targets = list(t.lora_targets) or _present_targets(transformer, adapter.lora_target_modules)
+        transformer.add_adapter(LoraConfig(r=t.lora_rank, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout,
+                                           target_modules=targets, init_lora_weights=True))
+    else:
+        transformer.requires_grad_(True)
+    if t.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    if t.vae_checkpointing:
+        adapter.vae.enable_gradient_checkpointing()
+    transformer.train()
+    return [p for p in transformer.parameters() if p.requires_grad]
+
+
+def _present_targets(module: torch.nn.Module, candidates) -> list[str]:
+    names = [n for n, _ in module.named_modules()]
+    return [c for c in candidates if any(n == c or n.endswith("." + c) for n in names)]
+
+
+def trainable_state(cfg: Config, transformer) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint holds: the LoRA adapter (peft keys) or the whole transformer."""
+    if cfg.train.finetune == "lora":
+        from peft.utils import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(transformer)
+    return transformer.state_dict()
+
+
+def load_trainable_state(cfg: Config, transformer, state: dict[str, torch.Tensor]) -> None:
+    if cfg.train.finetune == "lora":
+        from peft.utils import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(transformer, state)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise TrainingError(f"checkpoint holds weights this model does not have ({unexpected[0]}); it belongs "
+                                "to another model or LoRA setting")
+    else:
+        missing, unexpected = transformer.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise TrainingError("checkpoint weights do not match this transformer; it belongs to another model")
+
+
+# ---------------------------------------------------------------------------------------------------- the run
+@dataclass
+class RunResult:
+    run_dir: Path
+    summary: dict
+    adapter: object = None
+    metrics: list[dict] = field(default_factory=list)
+
+    def pipeline(self):
+        """The fine-tuned diffusers pipeline (LoRA active or full weights), ready to generate."""
+        return self.adapter.pipe
+
+
+class _StopFlag:
+    def __init__(self):
+        self.signal = None
+
+    def __call__(self, signum, frame):
+        self.signal = signum
+
+
+def prepare_run_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
+    run_dir = Path(cfg.run.output_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise TrainingError(f"run.output_dir {str(run_dir)!r} is a file; choose a directory path")
+    exists = run_dir.is_dir() and any(run_dir.iterdir())
+    if resume:
+        if not exists:
+            raise TrainingError(f"--resume: run directory {str(run_dir)!r} does not exist or is empty; "
+                                "start without --resume")
+        return run_dir
+    if exists and not overwrite:
+        raise TrainingError(f"run directory {str(run_dir)!r} already exists; pass --resume to continue it, "
+                            "--overwrite to replace it, or set run.output_dir")
+    try:
+        if exists:
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise TrainingError(f"cannot write to run directory {str(run_dir)!r} ({e.strerror}); choose a writable "
+                            "run.output_dir") from None
+    return run_dir
+
+
+def identity(cfg: Config, adapter) -> dict:
+    """What a checkpoint must match to be resumed: the model and every setting that changes the trajectory."""
+    d = cfg.to_dict()
+    d["run"] = {}  # logging, checkpoint cadence and output paths may change across a resume
+    d["train"] = {k: v for k, v in d["train"].items() if k != "steps"}  # a resumed run may be extended
+    d["eval"] = {}
+    return {"model": ckpt.fingerprint(adapter.identity()), "config": ckpt.fingerprint(d)}
+
+
+def train(cfg: Config, resume: bool = False, overwrite: bool = False, max_steps_this_session: int | None = None,
+          log=print) -> RunResult:
+    """Run (or resume) a training job described by ``cfg``; returns the run directory and the summary."""
+    from ..logging_utils import MetricsLogger
+
+    run_dir = prepare_run_dir(cfg, resume, overwrite)
+    device = resolve_device(cfg.model.device)
+    torch.manual_seed(cfg.train.seed)
+    adapter = load_adapter(cfg, device)
+    for side in ("height", "width"):
+        value = getattr(cfg.model, side)
+        if value % adapter.resolution_multiple:
+            raise TrainingError(f"model.{side}={value} is not a multiple of {adapter.resolution_multiple} (VAE "
+                                f"factor x 2x2 packing); use {max(1, value // adapter.resolution_multiple) * adapter.resolution_multiple}")
+    reward = load_reward(cfg, device)
+    from ..prompts import load_prompts
+
+    train_prompts = load_prompts(cfg.train.prompts)
+    eval_prompts = load_prompts(cfg.eval.prompts)
+    is_world = cfg.model.path == "tiny-world"
+    method = make_method(cfg, adapter, reward)
+
+    # Evaluate the base model before any adapter is attached (the adapter's cache serves both).
+    summary: dict = {}
+    samples_dir = run_dir / "samples"
+    state_path = run_dir / "summary_before.json"
+    if cfg.eval.before and not (resume and state_path.exists()):
+        from ..evaluation import best_of_n, evaluate
+        from ..report_images import save_grid
+
+        t0 = time.time()
+        before = evaluate(adapter, reward, cfg, eval_prompts, is_world)
+        bo = best_of_n(adapter, reward, cfg, eval_prompts, cfg.eval.best_of) if cfg.eval.best_of > 1 else None
+        save_grid(before.images, samples_dir / "before.png", ncol=len(cfg.eval.seeds) * 4)
+        state_path.write_text(json.dumps({"reward_before": before.reward, f"reward_best_of_{cfg.eval.best_of}": bo,
+                                          "judge_before": before.judge, "eval_seconds": time.time() - t0}, indent=1))
+        log(f"base model: held-out reward {before.reward:.4f}" + (f", best-of-{cfg.eval.best_of} {bo:.4f}"
+                                                                   if bo is not None else ""))
+    if state_path.exists():
+        summary.update(json.loads(state_path.read_text()))
+
+    params = apply_finetune_mode(cfg, adapter)
+    t = cfg.train
+    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, betas=tuple(t.adam_betas), eps=t.adam_eps,
+                                  weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.lr_schedule, t.warmup_steps, t.steps))
+    named = [(n, p) for n, p in adapter.transformer.named_parameters() if p.requires_grad]
+    ema = {n: p.detach().clone() for n, p in named} if t.ema_decay > 0 else None
+    ids = identity(cfg, adapter)
+    ckpt_root = run_dir / "checkpoints"
+    start_step = 0
+    if resume:
+        latest = ckpt.latest_checkpoint(ckpt_root)
+        if latest is None:
+            raise TrainingError(f"--resume: no complete checkpoint under {ckpt_root}; start without --resume "
+                                "(with --overwrite)")
+        loaded = ckpt.load_checkpoint(latest)
+        st = loaded["state"]
+        if st.get("model") != ids["model"]:
+            raise TrainingError(f"--resume: checkpoint {latest.name} was trained from a different model; use the "
+                                "model it was trained from or start a new run")
+        if st.get("config") != ids["config"]:
+            raise TrainingError(f"--resume: checkpoint {latest.name} was written with a different config; resume "
+                                f"with the run's own config ({run_dir / 'config.yaml'}) or start a new run")
+        load_trainable_state(cfg, adapter.transformer, loaded["trainable"])
+        optimizer.load_state_dict(loaded["optimizer"])
+        scheduler.load_state_dict(loaded["lr_scheduler"])
+        ckpt.set_rng_state(loaded["rng"])
+        if ema is not None and loaded["ema"] is not None:
+            ema = {k: v.to(device) for k, v in loaded["ema"].items()}
+        start_step = st["step"]
+        log(f"resumed from {latest} at step {start_step}")
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+
+    sampler = PromptSampler(train_prompts, t.batch_size, t.seed, t.shuffle_prompts)
+    metrics = MetricsLogger(run_dir, tensorboard=cfg.run.tensorboard, append=resume)
+    stop = _StopFlag()
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    nfe = method.nfe(t.batch_size)
+    progress = None
+    if cfg.run.progress:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=t.steps, initial=start_step, desc="srpo" if cfg.method == "srpo" else cfg.method,
+                        unit="step", dynamic_ncols=True)
+
+    def save(step_done: int) -> Path:
+        return ckpt.save_checkpoint(
+            ckpt_root, step_done, trainable_state(cfg, adapter.transformer), optimizer, scheduler,
+            dict(ids, data_position=list(sampler.position(step_done, 0)), version=__version__), ema=ema,
+            keep=cfg.run.keep_checkpoints)
+
+    step = start_step
+    end = t.steps if max_steps_this_session is None else min(t.steps, start_step + max_steps_this_session)
+    skipped = 0
+    try:
+        while step < end:
+            t_step = time.time()
+            gen = torch.Generator().manual_seed(seed_for(t.seed, 0, step))
+            rng = random.Random(seed_for(t.seed, 0, step, stream=1))
+            torch.manual_seed(seed_for(t.seed, 0, step, stream=2))  # dropout inside LoRA, if any
+            prompts = sampler.batch(step)
+            optimizer.zero_grad(set_to_none=True)
+            results = method.accumulate_gradients(step, prompts, gen, rng)
+            grads = [p.grad for p in params if p.grad is not None]
+            clip = t.grad_clip if t.grad_clip > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip)) if grads else 0.0
+            loss = sum(r.loss for r in results)
+            finite = math.isfinite(loss) and math.isfinite(grad_norm)
+            if finite:
+                optimizer.step()
+                if ema is not None:
+                    with torch.no_grad():
+                        for n, p in named:
+                            ema[n].lerp_(p.detach(), 1 - t.ema_decay)
+            else:
+                skipped += 1
+                optimizer.zero_grad(set_to_none=True)
+                if t.on_nonfinite == "abort":
+                    raise TrainingError(f"non-finite loss or gradient at step {step}; lower train.learning_rate "
+                                        "or set train.on_nonfinite=skip")
+            scheduler.step()
+            step += 1
+            record = {
+                "step": step, "loss": loss, "reward": sum(r.reward for r in results) / len(results),
+                "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "step_seconds": time.time() - t_step,
+                "skipped": not finite, **nfe,
+                **{f"{r.name}_reward": r.reward for r in results},
+                **{f"{r.name}_sigma": r.sigma_query for r in results},
+            }
+            if step % cfg.run.log_every == 0 or step == end or not finite:
+                metrics.write(record)
+            if not finite:
+                log(f"step {step}: non-finite loss or gradient; step skipped")
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss:.4f}", reward=f"{record['reward']:.4f}",
+                                     s_step=f"{record['step_seconds']:.2f}")
+            if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0 and step < end:
+                save(step)
+            if stop.signal is not None:
+                save(step)
+                log(f"stopped by signal {stop.signal} after step {step}; checkpoint written. Continue with --resume")
+                raise KeyboardInterrupt
+        save(step)
+    finally:
+        if progress is not None:
+            progress.close()
+        metrics.close()
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+    if step < t.steps:  # a partial session (tests, budgets): no final evaluation
+        return RunResult(run_dir, {"step": step}, adapter)
+
+    if ema is not None:  # evaluate and export the EMA weights
+        with torch.no_grad():
+            for n, p in named:
+                p.copy_(ema[n])
+    adapter.transformer.eval()
+    summary.update(finish(cfg, run_dir, adapter, reward, eval_prompts, is_world, skipped))
+    return RunResult(run_dir, summary, adapter)
+
+
+def finish(cfg: Config, run_dir: Path, adapter, reward, eval_prompts, is_world: bool, skipped: int) -> dict:
+    """Evaluate after training, write sample grids, export weights, write summary.json (and the report)."""
+    from ..evaluation import evaluate
+    from ..export import export_weights
+    from ..report_images import save_grid
+
+    after = evaluate(adapter, reward, cfg, eval_prompts, is_world)
+    save_grid(after.images, run_dir / "samples" / "after.png", ncol=len(cfg.eval.seeds) * 4)
+    export_weights(cfg, adapter, run_dir / "export")
+    before = json.loads((run_dir / "summary_before.json").read_text()) if (run_dir / "summary_before.json").exists() \
+        else {}
+    summary = dict(before)
+    summary.update({
+        "reward_after": after.reward,
+        "judge_after": after.judge,
+        "skipped_steps": skipped,
+        "eval_prompts": len(eval_prompts),
+        "eval_seeds": cfg.eval.seeds,
+        "reward_definition": "training reward on held-out prompts (see directalign.evaluation)",
+    })
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
