@@ -141,6 +141,7 @@ def _velocity(transformer, x, sigma, guidance, tokens, pooled, img_ids, txt_ids)
 def evaluate_generator(pipe, n: int = 64, steps: int = 16, guidance: float = 3.5, true_cfg: float = 1.0,
                        seed: int = 0) -> dict:
     """Judge rates on held-out prompts with named styles (as the quality gate measures them)."""
+    from .gates import held_out_gate_prompts
     from .judge import attribute_rates
 
     prompts = held_out_gate_prompts(n, seed)
@@ -149,12 +150,6 @@ def evaluate_generator(pipe, n: int = 64, steps: int = 16, guidance: float = 3.5
                   true_cfg_scale=true_cfg, negative_prompt=[""] * len(prompts) if true_cfg > 1 else None,
                   generator=torch.Generator().manual_seed(seed)).images
     return attribute_rates(images, prompts)
-
-
-def held_out_gate_prompts(n: int, seed: int = 0) -> list[str]:
-    """Held-out prompts naming every attribute (texture and lighting included), cycling through combinations."""
-    examples = ds.sample_examples(n, seed=seed + 99, split="heldout")
-    return [ds.caption(e.attrs, True, True) for e in examples]
 
 
 def train_generator(vae, steps: int, batch: int, seed: int, n_data: int, eval_every: int):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from importlib import resources
 from pathlib import Path
 
@@ -11,8 +12,12 @@ DEFAULT_GUIDANCE = 3.5
 
 
 def world_dir() -> Path:
-    """Directory of the shipped weights: ``generator/`` (diffusers) and ``reward/`` (transformers)."""
-    path = Path(str(resources.files("directalign"))) / "assets" / "tiny-world"
+    """Directory of the shipped weights: ``generator/`` (diffusers) and ``reward/`` (transformers).
+
+    ``DIRECTALIGN_WORLD_DIR`` points elsewhere (a freshly rebuilt world, for example).
+    """
+    override = os.environ.get("DIRECTALIGN_WORLD_DIR")
+    path = Path(override) if override else Path(str(resources.files("directalign"))) / "assets" / "tiny-world"
     if not (path / "generator" / "model_index.json").is_file():
         raise FileNotFoundError(
             f"the tiny world's weights are missing under {path}; reinstall directalign or rebuild them with "
