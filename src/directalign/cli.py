@@ -37,12 +37,13 @@ def resolve_config_path(value: str | None) -> Path:
 
 
 def _user_errors():
+    from .data import DataError
     from .engine.checkpoint import CheckpointError
     from .engine.config import ConfigError
     from .engine.trainer import TrainingError
     from .prompts import PromptError
 
-    return (ConfigError, TrainingError, PromptError, CheckpointError, FileNotFoundError)
+    return (ConfigError, TrainingError, PromptError, CheckpointError, DataError, FileNotFoundError)
 
 
 def cmd_train(args) -> int:
@@ -114,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    from .compat import quiet_loading
+
+    quiet_loading()
     try:
         if args.command == "train":
             return cmd_train(args)

@@ -36,7 +36,9 @@ class FluxAdapter:
                         max_sequence_length: int | None = None, **kwargs) -> "FluxAdapter":
         from diffusers import FluxPipeline
 
-        pipe = FluxPipeline.from_pretrained(path, torch_dtype=dtype, **kwargs).to(device)
+        from ..compat import dtype_kwargs
+
+        pipe = FluxPipeline.from_pretrained(path, **dtype_kwargs(dtype), **kwargs).to(device)
         return cls(pipe, max_sequence_length)
 
     # --------------------------------------------------------------------------------------------- components

@@ -41,11 +41,14 @@ def seed_for(seed: int, rank: int, step: int, stream: int = 0) -> int:
 
 
 class PromptSampler:
-    """Batch ``step`` of rank ``rank``: epochs are seeded permutations (or the file order), sharded by rank."""
+    """Batch ``step`` of rank ``rank``: epochs are seeded permutations (or the file order), sharded by rank.
 
-    def __init__(self, prompts: list[str], batch_size: int, seed: int, shuffle: bool, rank: int = 0,
+    ``items`` may be prompts or indices (offline mode samples image indices the same way).
+    """
+
+    def __init__(self, items: list, batch_size: int, seed: int, shuffle: bool, rank: int = 0,
                  world_size: int = 1):
-        self.prompts, self.batch_size, self.seed, self.shuffle = prompts, batch_size, seed, shuffle
+        self.prompts, self.batch_size, self.seed, self.shuffle = items, batch_size, seed, shuffle
         self.rank, self.world_size = rank, world_size
 
     def _order(self, epoch: int) -> list[int]:
@@ -249,20 +252,28 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, max_steps_
     """Run (or resume) a training job described by ``cfg``; returns the run directory and the summary."""
     from ..logging_utils import MetricsLogger
 
-    run_dir = prepare_run_dir(cfg, resume, overwrite)
+    from ..prompts import load_prompts
+
+    # Everything a user can get wrong is checked before the run directory is touched.
+    train_prompts = load_prompts(cfg.train.prompts)
+    eval_prompts = load_prompts(cfg.eval.prompts)
+    offline = None
+    if cfg.srpo.offline_data:
+        from ..data import load_offline
+
+        offline = load_offline(cfg.srpo.offline_data, cfg.model.height, cfg.model.width)
     device = resolve_device(cfg.model.device)
     torch.manual_seed(cfg.train.seed)
     adapter = load_adapter(cfg, device)
     for side in ("height", "width"):
-        value = getattr(cfg.model, side)
-        if value % adapter.resolution_multiple:
-            raise TrainingError(f"model.{side}={value} is not a multiple of {adapter.resolution_multiple} (VAE "
-                                f"factor x 2x2 packing); use {max(1, value // adapter.resolution_multiple) * adapter.resolution_multiple}")
+        value, multiple = getattr(cfg.model, side), adapter.resolution_multiple
+        if value % multiple:
+            raise TrainingError(f"model.{side}={value} is not a multiple of {multiple} (VAE factor x 2x2 "
+                                f"packing); use {max(1, value // multiple) * multiple}")
     reward = load_reward(cfg, device)
-    from ..prompts import load_prompts
-
-    train_prompts = load_prompts(cfg.train.prompts)
-    eval_prompts = load_prompts(cfg.eval.prompts)
+    run_dir = prepare_run_dir(cfg, resume, overwrite)
+    if offline is not None:
+        log(f"offline mode: {len(offline)} real images from {cfg.srpo.offline_data}")
     is_world = cfg.model.path == "tiny-world"
     method = make_method(cfg, adapter, reward)
 
@@ -319,6 +330,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, max_steps_
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
 
     sampler = PromptSampler(train_prompts, t.batch_size, t.seed, t.shuffle_prompts)
+    offline_sampler = PromptSampler(list(range(len(offline))), t.batch_size, t.seed, True) if offline else None
+    offline_until = cfg.srpo.offline_until_step
     metrics = MetricsLogger(run_dir, tensorboard=cfg.run.tensorboard, append=resume)
     stop = _StopFlag()
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -345,9 +358,17 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, max_steps_
             gen = torch.Generator().manual_seed(seed_for(t.seed, 0, step))
             rng = random.Random(seed_for(t.seed, 0, step, stream=1))
             torch.manual_seed(seed_for(t.seed, 0, step, stream=2))  # dropout inside LoRA, if any
-            prompts = sampler.batch(step)
             optimizer.zero_grad(set_to_none=True)
-            results = method.accumulate_gradients(step, prompts, gen, rng)
+            if offline is not None and (offline_until < 0 or step < offline_until):
+                # Offline SRPO: the real image is x0 and the noise is fresh (maintainer's recipe, #10)
+                idx = offline_sampler.batch(step)
+                prompts = [offline.captions[i] for i in idx]
+                x0 = adapter.encode_images(offline.images[idx])
+                noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(x0)
+                results = method.accumulate_gradients(step, prompts, gen, rng, noise=noise, x0=x0)
+            else:
+                prompts = sampler.batch(step)
+                results = method.accumulate_gradients(step, prompts, gen, rng)
             grads = [p.grad for p in params if p.grad is not None]
             clip = t.grad_clip if t.grad_clip > 0 else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip)) if grads else 0.0

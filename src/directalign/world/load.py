@@ -40,10 +40,12 @@ def load_pipeline(dtype=None):
     from diffusers import FluxPipeline
     from diffusers.utils import logging as dlogging
 
+    from ..compat import dtype_kwargs
+
     level = dlogging.get_verbosity()
     dlogging.set_verbosity_error()  # the word-level tokenizers are not CLIPTokenizer/T5TokenizerFast: a type warning
     try:
-        pipe = FluxPipeline.from_pretrained(generator_dir(), torch_dtype=dtype or torch.float32,
+        pipe = FluxPipeline.from_pretrained(generator_dir(), **dtype_kwargs(dtype or torch.float32),
                                             local_files_only=True)
     finally:
         dlogging.set_verbosity(level)
