@@ -14,16 +14,35 @@ class NetworkAccessError(RuntimeError):
     pass
 
 
-@pytest.fixture(autouse=True)
-def _no_network(monkeypatch):
-    """Any attempt to open a network connection fails the test (loopback included: nothing here needs it)."""
+def _is_loopback(address) -> bool:
+    host = address[0] if isinstance(address, tuple) and address else address
+    return isinstance(host, str) and (host in ("localhost", "::1") or host.startswith("127."))
 
-    def refuse(self, address, *args, **kwargs):
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch, request):
+    """Any attempt to open a network connection fails the test. Loopback is refused too, except for tests marked
+    ``allow_localhost`` (a local browser driver)."""
+    local_ok = request.node.get_closest_marker("allow_localhost") is not None
+    real = {"connect": socket.socket.connect, "connect_ex": socket.socket.connect_ex,
+            "create_connection": socket.create_connection}
+
+    def guard(name):
+        def call(self, address, *args, **kwargs):
+            if local_ok and _is_loopback(address):
+                return real[name](self, address, *args, **kwargs)
+            raise NetworkAccessError(f"test tried to connect to {address}")
+
+        return call
+
+    def create_connection(address, *args, **kwargs):
+        if local_ok and _is_loopback(address):
+            return real["create_connection"](address, *args, **kwargs)
         raise NetworkAccessError(f"test tried to connect to {address}")
 
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
-    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: refuse(None, a[0] if a else None))
+    monkeypatch.setattr(socket.socket, "connect", guard("connect"))
+    monkeypatch.setattr(socket.socket, "connect_ex", guard("connect_ex"))
+    monkeypatch.setattr(socket, "create_connection", create_connection)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
 

@@ -6,6 +6,12 @@
     directalign world demo                             # generate a grid with the tiny world and score it
     directalign world gates                            # measure the tiny world's quality gates
     directalign world build --out DIR                  # retrain the tiny world from scratch
+    directalign sample --model runs/srpo-tiny --prompts general:photo --seeds 0 1 --out samples/x
+    directalign eval --model runs/srpo-tiny            # reproduces reward_after of the run's summary.json
+    directalign eval --model base --config runs/srpo-tiny/config.yaml    # reproduces reward_before
+    directalign eval --model runs/srpo-tiny --baseline base --rewards train,clip:/path/to/clip
+    directalign compare base runs/srpo-tiny            # side-by-side table (JSON and CSV too)
+    directalign report runs/srpo-tiny                  # self-contained report.html
 
 User errors (bad config, paths, prompts, checkpoints) print one line on stderr and exit with status 2.
 """
@@ -41,9 +47,10 @@ def _user_errors():
     from .engine.checkpoint import CheckpointError
     from .engine.config import ConfigError
     from .engine.trainer import TrainingError
+    from .eval_cli import EvalError
     from .prompts import PromptError
 
-    return (ConfigError, TrainingError, PromptError, CheckpointError, DataError, FileNotFoundError)
+    return (ConfigError, TrainingError, PromptError, CheckpointError, DataError, EvalError, FileNotFoundError)
 
 
 def cmd_train(args) -> int:
@@ -106,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("world", help="the embedded tiny world: demo | gates | build")
     w.add_argument("world_cmd", choices=("demo", "gates", "build"))
     w.add_argument("rest", nargs=argparse.REMAINDER)
+    from .eval_cli import add_parsers
+
+    add_parsers(sub)
     return p
 
 
@@ -121,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return cmd_train(args)
+        if args.command in ("sample", "eval", "compare", "report"):
+            from . import eval_cli
+
+            return getattr(eval_cli, f"cmd_{args.command}")(args)
         return cmd_world(args)
     except _user_errors() as e:
         print(f"directalign: error: {e}", file=sys.stderr)

@@ -21,7 +21,10 @@ def export_weights(cfg, adapter, out_dir: Path) -> dict[str, Path]:
 
         lora_dir = out_dir / "lora"
         layers = get_peft_model_state_dict(transformer)
-        type(adapter.pipe).save_lora_weights(lora_dir, transformer_lora_layers=layers, safe_serialization=True)
+        # the adapter metadata carries lora_alpha; without it load_lora_weights assumes alpha = rank
+        metadata = transformer.peft_config["default"].to_dict()
+        type(adapter.pipe).save_lora_weights(lora_dir, transformer_lora_layers=layers, safe_serialization=True,
+                                             transformer_lora_adapter_metadata=metadata)
         paths["lora"] = lora_dir
         merged = copy.deepcopy(transformer)
         merged.fuse_lora(lora_scale=1.0)

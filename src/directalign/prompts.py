@@ -1,4 +1,12 @@
-"""Prompt sources: the tiny world's splits and user files (.txt one per line, .jsonl with "prompt", .csv)."""
+"""Prompt sources: the tiny world's splits, the shipped general set and user files (.txt, .jsonl, .csv).
+
+* ``tiny-world:train`` / ``tiny-world:heldout``: the tiny world's caption splits (the held-out split is the default
+  evaluation set);
+* ``general`` / ``general:all`` / ``general:<category>``: prompts written for this project over the HPDv2 categories
+  (``anime``, ``concept-art``, ``painting``, ``photo``), shipped in ``directalign/prompt_sets/general.txt``;
+* a path to a ``.txt`` (one prompt per line), ``.jsonl`` (``{"prompt": ...}`` per line) or ``.csv`` file (a
+  ``prompt`` column).
+"""
 
 from __future__ import annotations
 
@@ -15,8 +23,47 @@ class PromptError(ValueError):
     """A prompt source that cannot be used; the message names the file and the fix."""
 
 
+def prompt_set_categories(name: str = "general") -> dict[str, list[str]]:
+    """``{category: prompts}`` of a shipped prompt set, in file order."""
+    from importlib import resources
+
+    path = resources.files("directalign") / "prompt_sets" / f"{name}.txt"
+    if not path.is_file():
+        raise PromptError(f"unknown prompt set {name!r}; shipped sets: general")
+    out: dict[str, list[str]] = {}
+    current = None
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line.startswith("## "):
+            current = line[3:].strip()
+            out[current] = []
+        elif line and not line.startswith("#"):
+            if current is None:
+                raise PromptError(f"prompt set {name!r}: a prompt precedes the first '## category' line")
+            out[current].append(line)
+    return out
+
+
+def _slug(text: str) -> str:
+    return text.strip().lower().replace("_", "-").replace(" ", "-")
+
+
+def _general(source: str) -> list[str]:
+    name, _, which = source.partition(":")
+    cats = prompt_set_categories(name)
+    if which in ("", "all"):
+        return [p for prompts in cats.values() for p in prompts]
+    by_slug = {_slug(c): c for c in cats}
+    if _slug(which) not in by_slug:
+        raise PromptError(f"unknown {name} prompt category {which!r}; use {name}:all or one of "
+                          + ", ".join(f"{name}:{s}" for s in by_slug))
+    return list(cats[by_slug[_slug(which)]])
+
+
 def load_prompts(source: str) -> list[str]:
-    """``tiny-world:train`` | ``tiny-world:heldout`` | a path to a .txt, .jsonl or .csv file."""
+    """``tiny-world:train`` | ``tiny-world:heldout`` | ``general[:all|:<category>]`` | a .txt, .jsonl or .csv path."""
+    if source == "general" or (source.startswith("general:") and not Path(source).exists()):
+        return _general(source)
     if source.startswith("tiny-world:"):
         from .world import dataset as ds
 

@@ -91,14 +91,15 @@ def save_checkpoint(root: Path, step: int, trainable: dict[str, torch.Tensor], o
         shutil.rmtree(stale, ignore_errors=True)
     trainable = {k: v.detach().contiguous().cpu() for k, v in trainable.items()}
     _check_finite(trainable)
+    ema_cpu = {k: v.detach().contiguous().cpu() for k, v in ema.items()} if ema is not None else None
+    if ema_cpu is not None:
+        _check_finite(ema_cpu)  # before the temporary directory exists, so a refusal leaves nothing behind
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     try:
         tmp.mkdir()
         save_file(trainable, str(tmp / "trainable.safetensors"))
-        if ema is not None:
-            ema_cpu = {k: v.detach().contiguous().cpu() for k, v in ema.items()}
-            _check_finite(ema_cpu)
+        if ema_cpu is not None:
             save_file(ema_cpu, str(tmp / "ema.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")

@@ -8,6 +8,7 @@ allowed. ``directalign train --print-config`` shows the resolved configuration.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -156,6 +157,9 @@ CHOICES: dict[str, tuple] = {
 
 
 # ----------------------------------------------------------------------------------------------------- parsing
+_YAML11_FLOAT_GAP = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
 def _coerce(value, tp, key: str):
     """Check and convert one value to the annotated type; raise ConfigError naming the key."""
     origin = typing.get_origin(tp)
@@ -185,6 +189,9 @@ def _coerce(value, tp, key: str):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _YAML11_FLOAT_GAP.match(value.strip()):
+            # PyYAML (YAML 1.1) reads exponent floats without a dot, such as 1e-3, as strings
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)

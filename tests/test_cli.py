@@ -1,0 +1,154 @@
+"""The command line: user errors are one line on stderr with exit status 2; --print-config round-trips."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from directalign.cli import main
+from directalign.engine.config import build_config, load_config
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def _assert_user_error(capsys, argv, *needles):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 2, (code, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
+    assert lines[0].startswith("directalign: error:"), lines[0]
+    assert "Traceback" not in err and "Traceback" not in out
+    for n in needles:
+        assert n in lines[0], f"{n!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def test_unknown_key_via_set(capsys):
+    line = _assert_user_error(capsys, ["train", "--set", "train.stepz=3"], "train.stepz")
+    assert "steps" in line  # the allowed keys are listed
+
+
+def test_bad_value_via_set(capsys):
+    _assert_user_error(capsys, ["train", "--set", "srpo.window=[30,10]"], "srpo.window")
+
+
+def test_missing_config_file(capsys, tmp_path):
+    _assert_user_error(capsys, ["train", "--config", str(tmp_path / "nope.yaml")], "nope.yaml")
+
+
+def test_missing_config_file_without_suffix(capsys, tmp_path):
+    _assert_user_error(capsys, ["train", "--config", str(tmp_path / "nope")], "nope")
+
+
+def test_non_utf8_prompt_file(capsys, tmp_path, random_world):
+    f = tmp_path / "prompts.txt"
+    f.write_bytes("a caf\xe9 on a table\n".encode("latin-1"))
+    _assert_user_error(capsys, ["train", "--set", f"train.prompts={f}", "--set",
+                                f"run.output_dir={tmp_path / 'run'}"], "prompts.txt", "UTF-8")
+    assert not (tmp_path / "run").exists()
+
+
+def test_empty_prompt_file(capsys, tmp_path, random_world):
+    f = tmp_path / "prompts.txt"
+    f.write_text("\n   \n\n", encoding="utf-8")
+    _assert_user_error(capsys, ["train", "--set", f"train.prompts={f}", "--set",
+                                f"run.output_dir={tmp_path / 'run'}"], "prompts.txt")
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_prompt_file(capsys, tmp_path):
+    _assert_user_error(capsys, ["train", "--set", f"eval.prompts={tmp_path / 'gone.txt'}", "--set",
+                                f"run.output_dir={tmp_path / 'run'}"], "gone.txt")
+
+
+def test_model_path_empty_dir(capsys, tmp_path, random_world):
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    _assert_user_error(capsys, ["train", "--set", f"model.path={empty}", "--set",
+                                f"run.output_dir={tmp_path / 'run'}"], "model.path", "empty-model")
+    assert not (tmp_path / "run").exists()
+
+
+def test_existing_run_dir_without_resume(capsys, tmp_path, random_world):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("{}\n")
+    _assert_user_error(capsys, ["train", "--set", f"run.output_dir={run}", "--set", "run.progress=false"],
+                       "already exists", "--resume")
+    assert (run / "metrics.jsonl").read_text() == "{}\n"
+
+
+def test_resume_without_run_dir(capsys, tmp_path, random_world):
+    _assert_user_error(capsys, ["train", "--resume", "--set", f"run.output_dir={tmp_path / 'none'}"], "--resume")
+
+
+def test_offline_data_missing_caption(capsys, tmp_path):
+    from PIL import Image
+
+    d = tmp_path / "data"
+    d.mkdir()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(d / "red.png")
+    _assert_user_error(capsys, ["train", "--set", f"srpo.offline_data={d}", "--set",
+                                f"run.output_dir={tmp_path / 'run'}"], "red.png")
+
+
+def test_print_config_round_trips(capsys):
+    argv = ["train", "--set", "train.steps=7", "--set", "srpo.window=[10,25]", "--set", "train.learning_rate=1e-4",
+            "--set", "reward.positive_words=[Real, Detail]", "--print-config"]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    data = yaml.safe_load(out)
+    cfg = build_config(data)
+    expected = load_config(Path(__file__).resolve().parents[1] / "src" / "directalign" / "configs" / "tiny-srpo.yaml",
+                           ["train.steps=7", "srpo.window=[10,25]", "train.learning_rate=1e-4",
+                            "reward.positive_words=[Real, Detail]"])
+    assert cfg == expected
+    assert cfg.train.steps == 7 and cfg.srpo.window == [10, 25] and cfg.train.learning_rate == 1e-4
+    assert set(data) == {"method", "model", "reward", "srpo", "train", "eval", "run"}
+
+
+def test_print_config_of_a_file(capsys, tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  steps: 3\n  learning_rate: 2.0e-4\nsrpo:\n  loss: linear\n")
+    assert main(["train", "--config", str(f), "--print-config"]) == 0
+    cfg = build_config(yaml.safe_load(capsys.readouterr().out))
+    assert cfg == load_config(f)
+    assert cfg.srpo.loss == "linear"
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 0
+    assert "directalign" in capsys.readouterr().out
+
+
+def test_module_help_exits_zero():
+    env = dict(os.environ, PYTHONPATH=str(SRC), OMP_NUM_THREADS="1")
+    for argv in (["--help"], ["train", "--help"]):
+        proc = subprocess.run([sys.executable, "-m", "directalign", *argv], capture_output=True, text=True,
+                              env=env, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert "usage" in proc.stdout.lower()
+        assert "Traceback" not in proc.stderr
+    assert "--resume" in proc.stdout and "--set" in proc.stdout
+
+
+def test_module_user_error_exit_status():
+    env = dict(os.environ, PYTHONPATH=str(SRC), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "directalign", "train", "--set", "nope=1"], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert proc.stderr.startswith("directalign: error:") and "nope" in proc.stderr
+
+
+@pytest.mark.parametrize("argv", [["train", "--bogus-flag"], ["world", "nothing"]])
+def test_argparse_errors_exit_two(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2

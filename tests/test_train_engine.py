@@ -1,0 +1,502 @@
+"""The training engine on the random-weight tiny world: what changes, exact resume, atomic checkpoints, non-finite
+steps, resume checks, export and offline mode."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from directalign import data as data_mod
+from directalign.engine import checkpoint as ckpt
+from directalign.engine import trainer as trainer_mod
+from directalign.engine.config import build_config
+from directalign.engine.trainer import TrainingError, train
+from directalign.logging_utils import read_metrics
+
+FAST = ["train.batch_size=2", "srpo.rollout_steps=2", "eval.before=false", "run.progress=false",
+        "srpo.grid_points=40", "srpo.window_margin=2", "train.learning_rate=1e-3", "train.grad_clip=1.0",
+        "train.lora_rank=4", "train.lora_alpha=8", "eval.seeds=[0]", "eval.steps=2", "eval.best_of=1"]
+
+
+def _cfg(run_dir, *extra):
+    return build_config({}, FAST + [f"run.output_dir={run_dir}"] + list(extra))
+
+
+def _quiet(*_a, **_k):
+    pass
+
+
+def _fresh_pipe(world: Path):
+    from diffusers import FluxPipeline
+
+    return FluxPipeline.from_pretrained(world / "generator", local_files_only=True)
+
+
+def _fresh_reward_state(world: Path):
+    from transformers import CLIPModel
+
+    return CLIPModel.from_pretrained(world / "reward").state_dict()
+
+
+def _assert_same_state(a: dict, b: dict, label: str):
+    assert set(a) == set(b), f"{label}: different keys"
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{label}.{k} changed"
+
+
+def _capture_reward(monkeypatch):
+    box = {}
+    orig = trainer_mod.load_reward
+
+    def wrapped(cfg, device):
+        box["reward"] = orig(cfg, device)
+        return box["reward"]
+
+    monkeypatch.setattr(trainer_mod, "load_reward", wrapped)
+    return box
+
+
+def _base_weights_of_lora_model(transformer) -> dict:
+    """The base transformer's weights under their original names (peft wraps them in ``base_layer``)."""
+    out = {}
+    for n, t in transformer.state_dict().items():
+        if "lora_" in n:
+            continue
+        out[n.replace(".base_layer.", ".")] = t
+    return out
+
+
+def _ckpt_tensors(run_dir: Path, step: int) -> dict:
+    return load_file(str(run_dir / "checkpoints" / f"step-{step:08d}" / "trainable.safetensors"))
+
+
+# ------------------------------------------------------------------------------------------------------ (a)
+def test_lora_changes_only_lora_weights(random_world, tmp_path, monkeypatch):
+    box = _capture_reward(monkeypatch)
+    run = tmp_path / "run"
+    cfg = _cfg(run, "train.steps=2", "train.finetune=lora", "run.checkpoint_every=1")
+    result = train(cfg, max_steps_this_session=2, log=_quiet)
+    fresh = _fresh_pipe(random_world)
+    trained = result.adapter.pipe
+
+    # LoRA weights: B starts at zero and moves; every LoRA tensor changes on step 2
+    s1, s2 = _ckpt_tensors(run, 1), _ckpt_tensors(run, 2)
+    assert s1 and set(s1) == set(s2)
+    assert all("lora_" in k for k in s2)
+    for k in s2:
+        assert not torch.equal(s1[k], s2[k]), f"{k} did not change on step 2"
+        if "lora_B" in k:
+            assert s2[k].abs().max() > 0, f"{k} is still zero"
+
+    base = _base_weights_of_lora_model(trained.transformer)
+    _assert_same_state(base, fresh.transformer.state_dict(), "transformer")
+    _assert_same_state(trained.vae.state_dict(), fresh.vae.state_dict(), "vae")
+    _assert_same_state(trained.text_encoder.state_dict(), fresh.text_encoder.state_dict(), "text_encoder")
+    _assert_same_state(trained.text_encoder_2.state_dict(), fresh.text_encoder_2.state_dict(), "text_encoder_2")
+    _assert_same_state(box["reward"].model.state_dict(), _fresh_reward_state(random_world), "reward")
+
+
+def test_full_finetune_changes_transformer_only(random_world, tmp_path, monkeypatch):
+    box = _capture_reward(monkeypatch)
+    cfg = _cfg(tmp_path / "run", "train.steps=2", "train.finetune=full")
+    result = train(cfg, max_steps_this_session=2, log=_quiet)
+    fresh = _fresh_pipe(random_world)
+    trained = result.adapter.pipe
+    new, old = trained.transformer.state_dict(), fresh.transformer.state_dict()
+    assert set(new) == set(old)
+    changed = [k for k in new if not torch.equal(new[k], old[k])]
+    assert len(changed) >= 0.9 * len(new), f"only {len(changed)}/{len(new)} transformer tensors changed"
+    assert "proj_out.weight" in changed
+    _assert_same_state(trained.vae.state_dict(), fresh.vae.state_dict(), "vae")
+    _assert_same_state(trained.text_encoder.state_dict(), fresh.text_encoder.state_dict(), "text_encoder")
+    _assert_same_state(trained.text_encoder_2.state_dict(), fresh.text_encoder_2.state_dict(), "text_encoder_2")
+    _assert_same_state(box["reward"].model.state_dict(), _fresh_reward_state(random_world), "reward")
+
+
+# ------------------------------------------------------------------------------------------------------ (b)
+def _optimizer_equal(a: dict, b: dict):
+    assert a["param_groups"] == b["param_groups"]
+    assert set(a["state"]) == set(b["state"])
+    for i in a["state"]:
+        sa, sb = a["state"][i], b["state"][i]
+        assert set(sa) == set(sb)
+        for k in sa:
+            va, vb = sa[k], sb[k]
+            if torch.is_tensor(va):
+                assert torch.equal(va, vb), f"optimizer state {i}.{k} differs"
+            else:
+                assert va == vb
+
+
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_resume_is_bit_exact(random_world, tmp_path, finetune):
+    extra = ["train.steps=4", f"train.finetune={finetune}", "run.checkpoint_every=2", "train.ema_decay=0.5"]
+    a, b = tmp_path / "straight", tmp_path / "resumed"
+    train(_cfg(a, *extra), log=_quiet, max_steps_this_session=4)
+    first = train(_cfg(b, *extra), log=_quiet, max_steps_this_session=2)
+    assert first.summary == {"step": 2}
+    assert ckpt.latest_checkpoint(b / "checkpoints").name == "step-00000002"
+    train(_cfg(b, *extra), resume=True, log=_quiet, max_steps_this_session=2)
+
+    ta, tb = _ckpt_tensors(a, 4), _ckpt_tensors(b, 4)
+    assert set(ta) == set(tb)
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), f"{k} differs after resume"
+    # and the run did move away from step 2
+    t2 = _ckpt_tensors(b, 2)
+    assert any(not torch.equal(t2[k], tb[k]) for k in tb)
+    for name in ("ema.safetensors",):
+        ea = load_file(str(a / "checkpoints" / "step-00000004" / name))
+        eb = load_file(str(b / "checkpoints" / "step-00000004" / name))
+        for k in ea:
+            assert torch.equal(ea[k], eb[k]), f"EMA {k} differs after resume"
+    oa = torch.load(a / "checkpoints" / "step-00000004" / "optimizer.pt", weights_only=True)
+    ob = torch.load(b / "checkpoints" / "step-00000004" / "optimizer.pt", weights_only=True)
+    _optimizer_equal(oa, ob)
+    sa = json.loads((a / "checkpoints" / "step-00000004" / "state.json").read_text())
+    sb = json.loads((b / "checkpoints" / "step-00000004" / "state.json").read_text())
+    assert sa == sb
+    # the resumed run's metrics continue the first session's
+    assert [r["step"] for r in read_metrics(b)] == [1, 2, 3, 4]
+    la = [(r["step"], r["loss"]) for r in read_metrics(a)]
+    lb = [(r["step"], r["loss"]) for r in read_metrics(b)]
+    assert la == lb
+
+
+# ------------------------------------------------------------------------------------------------------ (c)
+def test_checkpoint_crash_keeps_previous(random_world, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    calls = {"n": 0}
+    real = ckpt.save_file
+
+    def flaky(tensors, path, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            real(tensors, path, *a, **k)  # a partial file lands in the temporary directory
+            raise OSError(28, "No space left on device")
+        return real(tensors, path, *a, **k)
+
+    monkeypatch.setattr(ckpt, "save_file", flaky)
+    cfg = _cfg(run, "train.steps=2", "run.checkpoint_every=1")
+    with pytest.raises(ckpt.CheckpointError, match="step-00000002"):
+        train(cfg, log=_quiet)
+    assert calls["n"] == 2
+    root = run / "checkpoints"
+    steps = sorted(p.name for p in root.iterdir() if p.name.startswith("step-"))
+    assert steps == ["step-00000001"]
+    for p in root.iterdir():
+        if p.name.startswith("step-"):
+            assert (p / "state.json").is_file(), f"{p.name} has no state.json"
+    assert not list(root.glob(".tmp-*")), "the failed save left its temporary directory"
+    latest = ckpt.latest_checkpoint(root)
+    assert latest.name == "step-00000001"
+    loaded = ckpt.load_checkpoint(latest)
+    assert loaded["state"]["step"] == 1 and loaded["trainable"]
+
+    # a crash mid-save leaves a .tmp-* directory (even one holding state.json): never picked up
+    leftover = root / ".tmp-step-00000009-999"
+    shutil.copytree(latest, leftover)
+    assert ckpt.latest_checkpoint(root).name == "step-00000001"
+    assert [p.name for p in ckpt.checkpoint_dirs(root)] == ["step-00000001"]
+    # a step directory without state.json (never finished) is ignored too
+    (root / "step-00000010").mkdir()
+    assert ckpt.latest_checkpoint(root).name == "step-00000001"
+    with pytest.raises(ckpt.CheckpointError, match="state.json"):
+        ckpt.load_checkpoint(root / "step-00000010")
+
+    # resuming from the surviving checkpoint finishes the run (and the next save clears the leftover)
+    monkeypatch.setattr(ckpt, "save_file", real)
+    cfg_done = _cfg(run, "train.steps=2", "run.checkpoint_every=1", "eval.prompts=tiny-world:heldout")
+    monkeypatch.setattr(trainer_mod, "finish", lambda *a, **k: {})
+    train(cfg_done, resume=True, log=_quiet)
+    assert ckpt.latest_checkpoint(root).name == "step-00000002"
+    assert not leftover.exists()
+
+
+def _dummy_optimizer():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([p], lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    return opt, sched
+
+
+def test_keep_checkpoints_prunes_but_keeps_newest(tmp_path):
+    opt, sched = _dummy_optimizer()
+    root = tmp_path / "ck"
+    for step in range(1, 6):
+        ckpt.save_checkpoint(root, step, {"w": torch.full((2,), float(step))}, opt, sched, {}, keep=2)
+    assert [p.name for p in ckpt.checkpoint_dirs(root)] == ["step-00000004", "step-00000005"]
+    ckpt.save_checkpoint(root, 6, {"w": torch.zeros(2)}, opt, sched, {}, keep=1)
+    assert [p.name for p in ckpt.checkpoint_dirs(root)] == ["step-00000006"]
+    # re-saving an older step (keep=1) keeps the newest complete checkpoint and the one just written
+    ckpt.save_checkpoint(root, 3, {"w": torch.zeros(2)}, opt, sched, {}, keep=1)
+    names = [p.name for p in ckpt.checkpoint_dirs(root)]
+    assert "step-00000006" in names and "step-00000003" in names
+    # re-saving the same step replaces it atomically
+    ckpt.save_checkpoint(root, 6, {"w": torch.full((2,), 7.0)}, opt, sched, {}, keep=2)
+    assert torch.equal(ckpt.load_checkpoint(root / "step-00000006")["trainable"]["w"], torch.full((2,), 7.0))
+    assert not list(root.glob(".tmp-*"))
+
+
+def test_save_checkpoint_refuses_non_finite(tmp_path):
+    opt, sched = _dummy_optimizer()
+    root = tmp_path / "ck"
+    ckpt.save_checkpoint(root, 1, {"w": torch.ones(2)}, opt, sched, {})
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        with pytest.raises(ckpt.CheckpointError, match="non-finite"):
+            ckpt.save_checkpoint(root, 2, {"w": torch.tensor([1.0, bad])}, opt, sched, {})
+    with pytest.raises(ckpt.CheckpointError, match="non-finite"):
+        ckpt.save_checkpoint(root, 2, {"w": torch.ones(2)}, opt, sched, {}, ema={"w": torch.tensor([float("nan")])})
+    assert [p.name for p in root.iterdir()] == ["step-00000001"]
+    assert torch.equal(ckpt.load_checkpoint(root / "step-00000001")["trainable"]["w"], torch.ones(2))
+
+
+# ------------------------------------------------------------------------------------------------------ (d)
+def _nan_reward_on_step(monkeypatch, bad_step: int):
+    from directalign.methods import srpo as srpo_mod
+
+    box = _capture_reward(monkeypatch)
+    current = {"step": None}
+    orig = srpo_mod.SRPO.accumulate_gradients
+
+    def tracking(self, step, *a, **k):
+        current["step"] = step
+        if "patched" not in box:
+            box["patched"] = True
+            reward = box["reward"]
+            real_score = reward.score_texts
+
+            def score(state, texts):
+                out = real_score(state, texts)
+                return out * float("nan") if current["step"] == bad_step else out
+
+            reward.score_texts = score
+        return orig(self, step, *a, **k)
+
+    monkeypatch.setattr(srpo_mod.SRPO, "accumulate_gradients", tracking)
+
+
+def test_nonfinite_step_is_skipped(random_world, tmp_path, monkeypatch):
+    _nan_reward_on_step(monkeypatch, bad_step=1)  # the second step (logged as step 2)
+    run = tmp_path / "run"
+    cfg = _cfg(run, "train.steps=3", "run.checkpoint_every=1", "run.keep_checkpoints=5", "train.ema_decay=0.5")
+    train(cfg, log=_quiet, max_steps_this_session=3)
+    records = read_metrics(run)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert [r["skipped"] for r in records] == [False, True, False]
+    s1, s2, s3 = (_ckpt_tensors(run, i) for i in (1, 2, 3))
+    for k in s1:
+        assert torch.equal(s1[k], s2[k]), f"{k} changed on the skipped step"
+    assert any(not torch.equal(s2[k], s3[k]) for k in s3), "the step after the skipped one did not train"
+    for t in s3.values():
+        assert torch.isfinite(t).all()
+    o1 = torch.load(run / "checkpoints" / "step-00000001" / "optimizer.pt", weights_only=True)
+    o2 = torch.load(run / "checkpoints" / "step-00000002" / "optimizer.pt", weights_only=True)
+    for i in o1["state"]:
+        for k, v in o1["state"][i].items():
+            assert torch.equal(v, o2["state"][i][k]), "optimizer state changed on the skipped step"
+    e1 = load_file(str(run / "checkpoints" / "step-00000001" / "ema.safetensors"))
+    e2 = load_file(str(run / "checkpoints" / "step-00000002" / "ema.safetensors"))
+    assert all(torch.equal(e1[k], e2[k]) for k in e1), "EMA moved on the skipped step"
+
+
+def test_nonfinite_step_aborts_when_asked(random_world, tmp_path, monkeypatch):
+    _nan_reward_on_step(monkeypatch, bad_step=0)
+    cfg = _cfg(tmp_path / "run", "train.steps=2", "train.on_nonfinite=abort")
+    with pytest.raises(TrainingError, match="non-finite"):
+        train(cfg, log=_quiet, max_steps_this_session=2)
+
+
+# ------------------------------------------------------------------------------------------------------ (e)
+def _make_world(root: Path, reward_from: Path, seed: int, **transformer_changes) -> Path:
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    from directalign.world import architecture as arch
+
+    torch.manual_seed(seed)
+    comps = arch.new_generator_components()
+    if transformer_changes:
+        comps["transformer"] = FluxTransformer2DModel(**dict(arch.TRANSFORMER_CONFIG, **transformer_changes))
+    FluxPipeline(**comps).save_pretrained(root / "generator")
+    shutil.copytree(reward_from / "reward", root / "reward")
+    return root
+
+
+@pytest.fixture(scope="module")
+def other_worlds(random_world_dir, tmp_path_factory):
+    """Two other generators with the same reward: same architecture with other weights, and one single block fewer."""
+    return {
+        "weights": _make_world(tmp_path_factory.mktemp("other-weights"), random_world_dir, seed=1),
+        "architecture": _make_world(tmp_path_factory.mktemp("other-arch"), random_world_dir, seed=0,
+                                    num_single_layers=3),
+    }
+
+
+def test_resume_refuses_changed_config_or_model(random_world, random_world_dir, other_worlds, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    train(_cfg(run, "train.steps=4"), log=_quiet, max_steps_this_session=1)
+    with pytest.raises(TrainingError, match="different config"):
+        train(_cfg(run, "train.steps=4", "train.learning_rate=2e-3"), resume=True, log=_quiet)
+    with pytest.raises(TrainingError, match="different config"):
+        train(_cfg(run, "train.steps=4", "srpo.window=[5,20]"), resume=True, log=_quiet)
+    # another model path (same weights) is a config change
+    with pytest.raises(TrainingError, match="different config"):
+        train(_cfg(run, "train.steps=4", f"model.path={random_world_dir / 'generator'}"), resume=True, log=_quiet)
+    # a different model under the same config (model.path=tiny-world points elsewhere)
+    for kind, world in other_worlds.items():
+        monkeypatch.setenv("DIRECTALIGN_WORLD_DIR", str(world))
+        with pytest.raises(TrainingError, match="different model"):
+            train(_cfg(run, "train.steps=4"), resume=True, log=_quiet)
+    monkeypatch.setenv("DIRECTALIGN_WORLD_DIR", str(random_world_dir))
+    # changing only the step budget or the logging is allowed
+    out = train(_cfg(run, "train.steps=5", "run.log_every=2"), resume=True, log=_quiet, max_steps_this_session=1)
+    assert out.summary == {"step": 2}
+
+
+def test_existing_run_dir_needs_resume_or_overwrite(random_world, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "something.txt").write_text("x")
+    with pytest.raises(TrainingError, match="already exists"):
+        train(_cfg(run, "train.steps=1"), log=_quiet)
+    assert (run / "something.txt").read_text() == "x"  # untouched
+    with pytest.raises(TrainingError, match="resume"):
+        train(_cfg(tmp_path / "nothing", "train.steps=1"), resume=True, log=_quiet)
+    out = train(_cfg(run, "train.steps=2"), overwrite=True, log=_quiet, max_steps_this_session=1)
+    assert not (run / "something.txt").exists()
+    assert out.summary == {"step": 1}
+
+
+# ------------------------------------------------------------------------------------------------------ (f)
+def _velocity(transformer, adapter):
+    g = torch.Generator().manual_seed(123)
+    h = w = 32
+    x = adapter.noise(2, h, w, g)
+    embeds = adapter.encode_prompts(["a red circle on a blue background", "a green cross on a white background"])
+    txt_ids = torch.zeros(embeds.tokens.shape[1], 3)
+    with torch.no_grad():
+        return transformer(hidden_states=x, timestep=torch.tensor([0.8, 0.3]), guidance=torch.tensor([3.5, 3.5]),
+                           pooled_projections=embeds.pooled, encoder_hidden_states=embeds.tokens, txt_ids=txt_ids,
+                           img_ids=adapter._image_ids(h, w), return_dict=False)[0]
+
+
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_export_reproduces_trained_velocity(random_world, tmp_path, finetune):
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    run = tmp_path / "run"
+    cfg = _cfg(run, "train.steps=2", f"train.finetune={finetune}", "train.learning_rate=1e-2")
+    result = train(cfg, log=_quiet)
+    assert "reward_after" in result.summary
+    adapter = result.adapter
+    v_trained = _velocity(adapter.transformer, adapter)
+    v_base = _velocity(_fresh_pipe(random_world).transformer, adapter)
+    assert (v_trained - v_base).abs().max() > 1e-2, "training did not change the velocity; the test is vacuous"
+
+    merged = FluxTransformer2DModel.from_pretrained(run / "export" / "transformer")
+    torch.testing.assert_close(_velocity(merged, adapter), v_trained, rtol=0, atol=1e-4)
+    if finetune == "lora":
+        assert (run / "export" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+        pipe = FluxPipeline.from_pretrained(random_world / "generator", local_files_only=True)
+        pipe.load_lora_weights(run / "export" / "lora")
+        torch.testing.assert_close(_velocity(pipe.transformer, adapter), v_trained, rtol=0, atol=1e-4)
+    else:
+        assert not (run / "export" / "lora").exists()
+
+
+# ------------------------------------------------------------------------------------------------------ (g)
+def _write_offline_folder(folder: Path, n: int = 4) -> list[str]:
+    from PIL import Image
+
+    from directalign.world import dataset as ds
+
+    folder.mkdir()
+    captions = []
+    for i, ex in enumerate(ds.sample_examples(n, seed=3)):
+        img = ds.render(ex.attrs)
+        arr = (img.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+        Image.fromarray(arr).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(ex.caption + "\n", encoding="utf-8")
+        captions.append(ex.caption)
+    return captions
+
+
+def test_offline_mode_trains_on_captions(random_world, tmp_path, monkeypatch):
+    from directalign.methods import srpo as srpo_mod
+
+    captions = _write_offline_folder(tmp_path / "data")
+    seen = []
+    orig = srpo_mod.SRPO.accumulate_gradients
+    rollouts = []
+    orig_clean = srpo_mod.SRPO.clean_latents
+
+    def spy(self, step, prompts, gen, rng, noise=None, x0=None, backward=None):
+        seen.append((list(prompts), x0 is not None, noise is not None))
+        return orig(self, step, prompts, gen, rng, noise=noise, x0=x0, backward=backward)
+
+    def spy_clean(self, *a, **k):
+        rollouts.append(1)
+        return orig_clean(self, *a, **k)
+
+    monkeypatch.setattr(srpo_mod.SRPO, "accumulate_gradients", spy)
+    monkeypatch.setattr(srpo_mod.SRPO, "clean_latents", spy_clean)
+    run = tmp_path / "run"
+    cfg = _cfg(run, "train.steps=2", f"srpo.offline_data={tmp_path / 'data'}")
+    train(cfg, log=_quiet, max_steps_this_session=2)
+    assert len(seen) == 2
+    used = [p for prompts, _, _ in seen for p in prompts]
+    assert len(used) == 4 and set(used) <= set(captions)
+    assert sorted(used) == sorted(captions)  # batch 2 x 2 steps = one epoch over the 4 images
+    assert all(has_x0 and has_noise for _, has_x0, has_noise in seen)
+    assert not rollouts, "offline mode ran a rollout"
+    assert not any(r["skipped"] for r in read_metrics(run))
+
+
+def test_offline_x0_is_the_encoded_image(random_world, tmp_path, monkeypatch):
+    """The x0 handed to the method is the VAE encoding of the captioned image."""
+    from directalign.methods import srpo as srpo_mod
+
+    _write_offline_folder(tmp_path / "data")
+    offline = data_mod.load_offline(str(tmp_path / "data"), 32, 32)
+    got = []
+    orig = srpo_mod.SRPO.accumulate_gradients
+
+    def spy(self, step, prompts, gen, rng, noise=None, x0=None, backward=None):
+        idx = [offline.captions.index(p) for p in prompts]
+        got.append(torch.allclose(x0, self.adapter.encode_images(offline.images[idx]), atol=1e-6))
+        return orig(self, step, prompts, gen, rng, noise=noise, x0=x0, backward=backward)
+
+    monkeypatch.setattr(srpo_mod.SRPO, "accumulate_gradients", spy)
+    train(_cfg(tmp_path / "run", "train.steps=1", f"srpo.offline_data={tmp_path / 'data'}"), log=_quiet,
+          max_steps_this_session=1)
+    assert got == [True]
+
+
+def test_offline_bad_data_names_the_file(random_world, tmp_path):
+    folder = tmp_path / "data"
+    _write_offline_folder(folder)
+    (folder / "img2.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
+    with pytest.raises(data_mod.DataError, match="img2.png"):
+        data_mod.load_offline(str(folder), 32, 32)
+    # the run stops on it too, before the run directory is created
+    run = tmp_path / "run"
+    with pytest.raises(data_mod.DataError, match="img2.png"):
+        train(_cfg(run, "train.steps=1", f"srpo.offline_data={folder}"), log=_quiet)
+    assert not run.exists()
+
+    folder2 = tmp_path / "data2"
+    _write_offline_folder(folder2)
+    (folder2 / "img1.txt").unlink()
+    with pytest.raises(data_mod.DataError, match="img1"):
+        data_mod.load_offline(str(folder2), 32, 32)
+
+    folder3 = tmp_path / "data3"
+    _write_offline_folder(folder3)
+    (folder3 / "img0.png").write_bytes((folder3 / "img0.png").read_bytes()[:60])  # truncated
+    with pytest.raises(data_mod.DataError, match="img0.png"):
+        data_mod.load_offline(str(folder3), 32, 32)
