@@ -344,9 +344,10 @@ def test_resume_refuses_changed_config_or_model(random_world, random_world_dir, 
         train(_cfg(run, "train.steps=4", "train.learning_rate=2e-3"), resume=True, log=_quiet)
     with pytest.raises(TrainingError, match="different config"):
         train(_cfg(run, "train.steps=4", "srpo.window=[5,20]"), resume=True, log=_quiet)
-    # another model path (same weights) is a config change
-    with pytest.raises(TrainingError, match="different config"):
-        train(_cfg(run, "train.steps=4", f"model.path={random_world_dir / 'generator'}"), resume=True, log=_quiet)
+    # the same weights under another path (a moved model folder) are the same model: resume is allowed
+    moved = train(_cfg(run, "train.steps=4", f"model.path={random_world_dir / 'generator'}"), resume=True,
+                  log=_quiet, max_steps_this_session=0)
+    assert moved.summary == {"step": 1}
     # a different model under the same config (model.path=tiny-world points elsewhere)
     for kind, world in other_worlds.items():
         monkeypatch.setenv("DIRECTALIGN_WORLD_DIR", str(world))

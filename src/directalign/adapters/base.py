@@ -12,9 +12,23 @@ Every method in :mod:`directalign.methods` talks to a generator through these ca
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
+
+
+def model_identity(family: str, module: torch.nn.Module, **extra) -> dict:
+    """A stable description of a base model for resume checks: its config without paths or library versions, and a
+    digest of three of its base (non-LoRA) weight tensors, so moving the folder or upgrading diffusers does not
+    change it while different weights at the same path do."""
+    config = {k: v for k, v in dict(module.config).items() if not k.startswith("_")}
+    base = [(n, p) for n, p in module.named_parameters() if "lora_" not in n]
+    digest = hashlib.sha256()
+    for name, p in (base[0], base[len(base) // 2], base[-1]) if base else ():
+        digest.update(name.encode())
+        digest.update(p.detach().float().cpu().numpy().tobytes())
+    return {"family": family, "config": config, "weights": digest.hexdigest()[:16], **extra}
 
 
 @dataclass

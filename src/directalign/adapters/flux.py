@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .base import PromptEmbeds
+from .base import PromptEmbeds, model_identity
 
 
 class FluxAdapter:
@@ -72,16 +72,8 @@ class FluxAdapter:
         return bool(self.transformer.config.guidance_embeds)
 
     def identity(self) -> dict:
-        """What makes cached embeddings and checkpoints belong to this model (config of each component)."""
-        p = self.pipe
-        return {
-            "family": self.family,
-            "transformer": dict(p.transformer.config),
-            "text_encoder": p.text_encoder.config.to_dict().get("_name_or_path", "") or type(p.text_encoder).__name__,
-            "text_encoder_2": p.text_encoder_2.config.to_dict().get("_name_or_path", "")
-            or type(p.text_encoder_2).__name__,
-            "max_sequence_length": self.max_sequence_length,
-        }
+        """What makes checkpoints belong to this model (see :func:`directalign.adapters.base.model_identity`)."""
+        return model_identity(self.family, self.transformer, max_sequence_length=self.max_sequence_length)
 
     # ---------------------------------------------------------------------------------------------- text
     @torch.no_grad()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .base import PromptEmbeds
+from .base import PromptEmbeds, model_identity
 
 
 class SD3Adapter:
@@ -67,8 +67,7 @@ class SD3Adapter:
     has_guidance_embedding = False
 
     def identity(self) -> dict:
-        return {"family": self.family, "transformer": dict(self.transformer.config),
-                "max_sequence_length": self.max_sequence_length}
+        return model_identity(self.family, self.transformer, max_sequence_length=self.max_sequence_length)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:

@@ -244,6 +244,8 @@ def identity(cfg: Config, adapter) -> dict:
     d["run"] = {}  # logging, checkpoint cadence and output paths may change across a resume
     d["train"] = {k: v for k, v in d["train"].items() if k != "steps"}  # a resumed run may be extended
     d["eval"] = {}
+    # where the model lives and which device runs it do not change the trajectory; the model digest covers weights
+    d["model"] = {k: v for k, v in d["model"].items() if k not in ("path", "device")}
     return {"model": ckpt.fingerprint(adapter.identity()), "config": ckpt.fingerprint(d)}
 
 
