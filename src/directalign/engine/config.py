@@ -54,7 +54,8 @@ class SRPOConfig:
     rollout_guidance: float = 1.0  # official HPS script (PickScore script: 2)
     train_guidance: float = 3.5  # official hard-codes 3.5 in the differentiable forward
     noise_prior: str = "rollout"  # rollout (official: the rollout's own initial noise) | fresh
-    share_noise_across_ranks: bool = True  # official broadcasts rank 0's noise
+    share_noise_across_ranks: bool = True  # official broadcasts rank 0's noise; false: each rank its own slice
+    share_window_across_ranks: bool = False  # official draws m per rank (seed + rank); true: one m for all ranks
     schedule_steps: int = 50  # the inference schedule t0/t1 index into (official vis_sampling_step)
     window: list[int] = field(default_factory=lambda: [5, 25])  # official train_timestep (HPS script)
     grid_points: int = 1000  # official timestep_length

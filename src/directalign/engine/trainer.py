@@ -264,7 +264,10 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, max_steps_
         from ..data import load_offline
 
         offline = load_offline(cfg.srpo.offline_data, cfg.model.height, cfg.model.width)
-    device = resolve_device(cfg.model.device)
+    from . import distributed as dist_utils
+
+    info = dist_utils.init_from_env(cfg.model.device)
+    device = dist_utils.device_for(info, cfg.model.device) if info.enabled else resolve_device(cfg.model.device)
     torch.manual_seed(cfg.train.seed)
     adapter = load_adapter(cfg, device)
     for side in ("height", "width"):
@@ -273,8 +276,11 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, max_steps_
             raise TrainingError(f"model.{side}={value} is not a multiple of {multiple} (VAE factor x 2x2 "
                                 f"packing); use {max(1, value // multiple) * multiple}")
     reward = load_reward(cfg, device)
-    run_dir = prepare_run_dir(cfg, resume, overwrite)
-    if offline is not None:
+    if info.is_main:
+        run_dir = prepare_run_dir(cfg, resume, overwrite)
+    dist_utils.barrier(info)
+    run_dir = Path(cfg.run.output_dir)
+    if offline is not None and info.is_main:
         log(f"offline mode: {len(offline)} real images from {cfg.srpo.offline_data}")
     is_world = cfg.model.path == "tiny-world"
     method = make_method(cfg, adapter, reward)
@@ -283,7 +289,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, max_steps_
     summary: dict = {}
     samples_dir = run_dir / "samples"
     state_path = run_dir / "summary_before.json"
-    if cfg.eval.before and not (resume and state_path.exists()):
+    if cfg.eval.before and info.is_main and not (resume and state_path.exists()):
         from ..evaluation import best_of_n, evaluate
         from ..report_images import save_grid
 
@@ -295,6 +301,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, max_steps_
                                           "judge_before": before.judge, "eval_seconds": time.time() - t0}, indent=1))
         log(f"base model: held-out reward {before.reward:.4f}" + (f", best-of-{cfg.eval.best_of} {bo:.4f}"
                                                                    if bo is not None else ""))
+    dist_utils.barrier(info)
     if state_path.exists():
         summary.update(json.loads(state_path.read_text()))
 
@@ -328,28 +335,41 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, max_steps_
         if ema is not None and loaded["ema"] is not None:
             ema = {k: v.to(device) for k, v in loaded["ema"].items()}
         start_step = st["step"]
-        log(f"resumed from {latest} at step {start_step}")
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        if info.is_main:
+            log(f"resumed from {latest} at step {start_step}")
+    if info.is_main:
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
 
-    sampler = PromptSampler(train_prompts, t.batch_size, t.seed, t.shuffle_prompts)
-    offline_sampler = PromptSampler(list(range(len(offline))), t.batch_size, t.seed, True) if offline else None
+    rank, world = info.rank, info.world_size
+    sampler = PromptSampler(train_prompts, t.batch_size, t.seed, t.shuffle_prompts, rank, world)
+    offline_sampler = (PromptSampler(list(range(len(offline))), t.batch_size, t.seed, True, rank, world)
+                       if offline else None)
     offline_until = cfg.srpo.offline_until_step
-    metrics = MetricsLogger(run_dir, tensorboard=cfg.run.tensorboard, append=resume)
+    metrics = MetricsLogger(run_dir, tensorboard=cfg.run.tensorboard, append=resume) if info.is_main else None
     stop = _StopFlag()
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     nfe = method.nfe(t.batch_size)
+    b, s_cfg, m_cfg = t.batch_size, cfg.srpo, cfg.model
+    # Noise for the whole global batch comes from one generator every rank seeds alike: shared noise takes the
+    # first slice on every rank (official), per-rank noise takes the rank's own slice (a 2-process run with batch b
+    # then sees exactly the noise of a 1-process run with batch 2b).
+    mine = slice(0, b) if s_cfg.share_noise_across_ranks else slice(rank * b, (rank + 1) * b)
     progress = None
-    if cfg.run.progress:
+    if cfg.run.progress and info.is_main:
         from tqdm.auto import tqdm
 
         progress = tqdm(total=t.steps, initial=start_step, desc="srpo" if cfg.method == "srpo" else cfg.method,
                         unit="step", dynamic_ncols=True)
 
-    def save(step_done: int) -> Path:
-        return ckpt.save_checkpoint(
-            ckpt_root, step_done, trainable_state(cfg, adapter.transformer), optimizer, scheduler,
-            dict(ids, data_position=list(sampler.position(step_done, 0)), version=__version__), ema=ema,
-            keep=cfg.run.keep_checkpoints)
+    def save(step_done: int) -> Path | None:
+        path = None
+        if info.is_main:
+            path = ckpt.save_checkpoint(
+                ckpt_root, step_done, trainable_state(cfg, adapter.transformer), optimizer, scheduler,
+                dict(ids, data_position=list(sampler.position(step_done, 0)), version=__version__,
+                     world_size=world), ema=ema, keep=cfg.run.keep_checkpoints)
+        dist_utils.barrier(info)
+        return path
 
     step = start_step
     end = t.steps if max_steps_this_session is None else min(t.steps, start_step + max_steps_this_session)
@@ -357,24 +377,33 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, max_steps_
     try:
         while step < end:
             t_step = time.time()
-            gen = torch.Generator().manual_seed(seed_for(t.seed, 0, step))
+            window_rank = 0 if s_cfg.share_window_across_ranks else rank
+            gen = torch.Generator().manual_seed(seed_for(t.seed, window_rank, step))
+            gen_noise = torch.Generator().manual_seed(seed_for(t.seed, 0, step, stream=3))
             rng = random.Random(seed_for(t.seed, 0, step, stream=1))
-            torch.manual_seed(seed_for(t.seed, 0, step, stream=2))  # dropout inside LoRA, if any
+            torch.manual_seed(seed_for(t.seed, rank, step, stream=2))  # dropout inside LoRA, if any
             optimizer.zero_grad(set_to_none=True)
             if offline is not None and (offline_until < 0 or step < offline_until):
                 # Offline SRPO: the real image is x0 and the noise is fresh (maintainer's recipe, #10)
                 idx = offline_sampler.batch(step)
                 prompts = [offline.captions[i] for i in idx]
                 x0 = adapter.encode_images(offline.images[idx])
-                noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(x0)
+                noise = torch.randn((b * world, *x0.shape[1:]), generator=gen_noise)[mine].to(x0)
                 results = method.accumulate_gradients(step, prompts, gen, rng, noise=noise, x0=x0)
             else:
                 prompts = sampler.batch(step)
-                results = method.accumulate_gradients(step, prompts, gen, rng)
+                noise = adapter.noise(b * world, m_cfg.height, m_cfg.width, gen_noise)
+                fresh = (torch.randn(noise.shape, generator=gen_noise)[mine]
+                         if s_cfg.noise_prior == "fresh" else None)
+                results = method.accumulate_gradients(step, prompts, gen, rng, noise=noise[mine],
+                                                      fresh_noise=fresh)
+            dist_utils.all_reduce_gradients(params, info)
             grads = [p.grad for p in params if p.grad is not None]
             clip = t.grad_clip if t.grad_clip > 0 else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip)) if grads else 0.0
-            loss = sum(r.loss for r in results)
+            loss = dist_utils.all_reduce_mean(sum(r.loss for r in results), info, device)
+            for r in results:
+                r.reward = dist_utils.all_reduce_mean(r.reward, info, device)
             finite = math.isfinite(loss) and math.isfinite(grad_norm)
             if finite:
                 optimizer.step()
@@ -397,9 +426,9 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, max_steps_
                 **{f"{r.name}_reward": r.reward for r in results},
                 **{f"{r.name}_sigma": r.sigma_query for r in results},
             }
-            if step % cfg.run.log_every == 0 or step == end or not finite:
+            if metrics is not None and (step % cfg.run.log_every == 0 or step == end or not finite):
                 metrics.write(record)
-            if not finite:
+            if not finite and info.is_main:
                 log(f"step {step}: non-finite loss or gradient; step skipped")
             if progress is not None:
                 progress.update(1)
@@ -415,11 +444,13 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, max_steps_
     finally:
         if progress is not None:
             progress.close()
-        metrics.close()
-        for s, h in previous.items():
-            signal.signal(s, h)
+        if metrics is not None:
+            metrics.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
-    if step < t.steps:  # a partial session (tests, budgets): no final evaluation
+    if step < t.steps or not info.is_main:  # a partial session, or a non-main rank: no final evaluation
+        dist_utils.barrier(info)
         return RunResult(run_dir, {"step": step}, adapter)
 
     if ema is not None:  # evaluate and export the EMA weights
@@ -428,6 +459,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, max_steps_
                 p.copy_(ema[n])
     adapter.transformer.eval()
     summary.update(finish(cfg, run_dir, adapter, reward, eval_prompts, is_world, skipped))
+    dist_utils.barrier(info)
     return RunResult(run_dir, summary, adapter)
 
 

@@ -92,11 +92,13 @@ class SRPO:
     # ------------------------------------------------------------------------------------------------ one step
     def accumulate_gradients(self, step: int, prompts: list[str], generator: torch.Generator,
                              rng: random.Random, noise: torch.Tensor | None = None,
-                             x0: torch.Tensor | None = None, backward=None) -> list[BranchResult]:
+                             x0: torch.Tensor | None = None, fresh_noise: torch.Tensor | None = None,
+                             backward=None) -> list[BranchResult]:
         """Run every Direct-Align pass of one step, calling ``backward(loss)`` after each; returns their metrics.
 
-        ``noise``/``x0`` may be given (shared noise across ranks, offline real images); otherwise they are drawn
-        from ``generator`` and the rollout.
+        ``noise``/``x0``/``fresh_noise`` may be given (noise drawn for the global batch and sliced per rank, offline
+        real images); otherwise they are drawn from ``generator`` and the rollout. Window positions always come from
+        ``generator``.
         """
         s, m = self.cfg.srpo, self.cfg.model
         embeds = self.adapter.encode_prompts(prompts)
@@ -105,7 +107,9 @@ class SRPO:
         if x0 is None:
             x0 = self.clean_latents(embeds, noise)
         if s.noise_prior == "fresh":
-            noise = torch.randn(noise.shape, generator=generator, dtype=torch.float32).to(noise)
+            if fresh_noise is None:
+                fresh_noise = torch.randn(noise.shape, generator=generator, dtype=torch.float32)
+            noise = fresh_noise.to(noise)
         words = self.control.pick(step, rng) if self.form != "absolute" else ("", "")
         branches = [b for b, on in (("denoise", s.denoise_branch), ("inversion", s.inversion_branch)) if on]
         share = 1.0 / (len(branches) * s.samples_per_rollout)
