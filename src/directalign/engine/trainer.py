@@ -484,4 +484,8 @@ def finish(cfg: Config, run_dir: Path, adapter, reward, eval_prompts, is_world: 
         "reward_definition": "training reward on held-out prompts (see directalign.evaluation)",
     })
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    if cfg.run.report:
+        from ..report import write_report
+
+        summary["report"] = str(write_report(run_dir))
     return summary
