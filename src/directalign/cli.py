@@ -53,6 +53,11 @@ def _user_errors():
     return (ConfigError, TrainingError, PromptError, CheckpointError, DataError, EvalError, FileNotFoundError)
 
 
+def _error(message: str) -> None:
+    """One line on stderr, whatever the message holds (a path or a key with a newline stays on one line)."""
+    print("directalign: error: " + " ".join(message.splitlines()), file=sys.stderr)
+
+
 def cmd_train(args) -> int:
     from .engine.config import load_config
     from .engine.trainer import train
@@ -137,11 +142,16 @@ def main(argv: list[str] | None = None) -> int:
             return getattr(eval_cli, f"cmd_{args.command}")(args)
         return cmd_world(args)
     except _user_errors() as e:
-        print(f"directalign: error: {e}", file=sys.stderr)
+        _error(str(e))
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("directalign: interrupted", file=sys.stderr)
-        return 130
+    except OSError as e:  # the environment, not a bug: a permission, a full disk, a path that vanished
+        where = f" ({e.filename})" if e.filename else ""
+        _error(f"{e.strerror or e}{where}; check that path, its permissions and the free disk space")
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", None)
+        print(f"directalign: {e}" if signum else "directalign: interrupted", file=sys.stderr)
+        return 128 + (signum or 2)
 
 
 if __name__ == "__main__":

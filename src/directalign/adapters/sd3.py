@@ -4,6 +4,11 @@ Latents are (B, 16, H/8, W/8); the transformer takes the timestep in diffusers' 
 as ``StableDiffusion3Pipeline`` passes ``scheduler.timesteps``. SD3 has no guidance embedding: ``guidance > 1``
 runs true classifier-free guidance against the empty prompt (two transformer passes, as the pipeline does), in the
 rollout and, when configured, in the differentiable step.
+
+The rollout (``methods.sampling.rollout``) equals ``StableDiffusion3Pipeline(latents=noise, num_inference_steps=N,
+sigmas=linspace(1, 1/N, N))`` for a static-shift scheduler (SD3 / SD3.5 ship shift 3.0); without ``sigmas`` the
+pipeline spaces its timesteps slightly differently (``linspace(t_max, t_min, N)`` of the training grid).
+Tested on a tiny random SD3.5-medium-shaped pipeline in ``tests/test_adapters_sd3_qwen.py``.
 """
 
 from __future__ import annotations
@@ -20,10 +25,11 @@ class SD3Adapter:
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
                            "to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
 
-    def __init__(self, pipe, max_sequence_length: int | None = None):
+    def __init__(self, pipe, max_sequence_length: int | None = None, negative_prompt: str = ""):
         self.pipe = pipe
         pipe.set_progress_bar_config(disable=True)
-        self.max_sequence_length = max_sequence_length or 256
+        self.max_sequence_length = max_sequence_length or 256  # StableDiffusion3Pipeline.__call__'s default
+        self.negative_prompt = negative_prompt  # the pipeline's default negative prompt for true CFG
         self._cache: dict[str, PromptEmbeds] = {}
         for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
             module = getattr(pipe, name, None)
@@ -107,7 +113,7 @@ class SD3Adapter:
                  height: int, width: int) -> torch.Tensor:
         if guidance is None or guidance <= 1.0:
             return self._forward(x, sigma, embeds.tokens, embeds.pooled)
-        uncond = self.encode_prompts([""] * x.shape[0])
+        uncond = self.encode_prompts([self.negative_prompt] * x.shape[0])
         both = self._forward(torch.cat([x, x]), torch.cat([sigma.expand(x.shape[0])] * 2),
                              torch.cat([uncond.tokens, embeds.tokens]), torch.cat([uncond.pooled, embeds.pooled]))
         v_u, v_c = both.chunk(2)

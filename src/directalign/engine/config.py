@@ -142,7 +142,7 @@ class Config:
 
 CHOICES: dict[str, tuple] = {
     "method": ("srpo", "direct-align"),
-    "model.family": ("flux",),
+    "model.family": ("flux", "sd3", "qwen-image"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "reward.kind": ("tiny-world", "clip"),
     "reward.form": ("official", "paper", "relative", "absolute"),

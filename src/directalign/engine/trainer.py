@@ -98,24 +98,38 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 # ---------------------------------------------------------------------------------------------------- loading
 def load_adapter(cfg: Config, device: torch.device):
+    """The generator of ``model.family`` (flux | sd3 | qwen-image) from ``model.path`` (tiny-world, a hub id or a
+    local diffusers directory), with ``model.dtype`` on ``device``."""
     from ..adapters.flux import FluxAdapter
+    from ..adapters.loading import FAMILIES, check_model_dir
 
     m = cfg.model
     path = m.path
     if path == "tiny-world":
+        if m.family != "flux":
+            raise TrainingError(f"model.path=tiny-world is a FLUX-family model, but model.family={m.family}; set "
+                                "model.family=flux or point model.path at a model of that family")
         from ..world.load import load_pipeline
 
         pipe = load_pipeline(DTYPES[m.dtype]).to(device)
         return FluxAdapter(pipe, m.max_sequence_length or None)
-    p = Path(path)
-    if (path.startswith((".", "/", "~")) or p.exists()) and not (p / "model_index.json").is_file():
-        raise TrainingError(f"model.path {path!r} is not a diffusers model directory (no model_index.json); give "
-                            "a directory saved with save_pretrained or a hub id")
+    family = FAMILIES[m.family]
+    p = Path(path).expanduser()
+    if path.startswith((".", "/", "~")) or p.exists():
+        if not (p / "model_index.json").is_file():
+            raise TrainingError(f"model.path {path!r} is not a diffusers model directory (no model_index.json); "
+                                "give a directory saved with save_pretrained or a hub id")
+        try:
+            check_model_dir(p, m.family)
+        except ValueError as e:
+            raise TrainingError(f"model.path: {e}") from None
+        path = str(p)
     try:
-        return FluxAdapter.from_pretrained(path, dtype=DTYPES[m.dtype], device=str(device),
-                                           max_sequence_length=m.max_sequence_length or None)
+        return family.adapter_class().from_pretrained(path, dtype=DTYPES[m.dtype], device=str(device),
+                                                      max_sequence_length=m.max_sequence_length or None)
     except (OSError, ValueError) as e:
-        raise TrainingError(f"could not load model.path {path!r}: {str(e).splitlines()[0]}") from None
+        raise TrainingError(f"could not load model.path {path!r} as a {family.pipeline}: "
+                            f"{str(e).splitlines()[0]}") from None
 
 
 def load_reward(cfg: Config, device: torch.device):
@@ -204,12 +218,34 @@ class RunResult:
         return self.adapter.pipe
 
 
+class StoppedBySignal(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the run after a checkpoint of the last finished step was written."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint written; "
+                         "continue with --resume")
+        self.signum, self.step = signum, step
+
+
 class _StopFlag:
+    """First SIGINT/SIGTERM: finish the current step, write a checkpoint and stop. A second one stops at once (the
+    previous complete checkpoint stays; a partial one is never loaded)."""
+
     def __init__(self):
         self.signal = None
 
     def __call__(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
         self.signal = signum
+
+    def install(self) -> dict:
+        """Handle SIGINT and SIGTERM (only the main thread may install handlers; elsewhere signals keep theirs)."""
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        return {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
 
 
 def prepare_run_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
@@ -217,6 +253,9 @@ def prepare_run_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
     if run_dir.exists() and not run_dir.is_dir():
         raise TrainingError(f"run.output_dir {str(run_dir)!r} is a file; choose a directory path")
     exists = run_dir.is_dir() and any(run_dir.iterdir())
+    if resume and overwrite:
+        raise TrainingError("--resume and --overwrite contradict each other; pass --resume to continue the run in "
+                            f"{str(run_dir)!r} or --overwrite to replace it")
     if resume:
         if not exists:
             raise TrainingError(f"--resume: run directory {str(run_dir)!r} does not exist or is empty; "
@@ -347,7 +386,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, max_steps_
     offline_until = cfg.srpo.offline_until_step
     metrics = MetricsLogger(run_dir, tensorboard=cfg.run.tensorboard, append=resume) if info.is_main else None
     stop = _StopFlag()
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = stop.install()
     nfe = method.nfe(t.batch_size)
     b, s_cfg, m_cfg = t.batch_size, cfg.srpo, cfg.model
     # Noise for the whole global batch comes from one generator every rank seeds alike: shared noise takes the
@@ -361,7 +400,11 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, max_steps_
         progress = tqdm(total=t.steps, initial=start_step, desc="srpo" if cfg.method == "srpo" else cfg.method,
                         unit="step", dynamic_ncols=True)
 
+    last_saved = {"step": start_step if resume else None}  # the resumed checkpoint is not written again
+
     def save(step_done: int) -> Path | None:
+        if last_saved["step"] == step_done:
+            return None
         path = None
         if info.is_main:
             path = ckpt.save_checkpoint(
@@ -369,6 +412,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, max_steps_
                 dict(ids, data_position=list(sampler.position(step_done, 0)), version=__version__,
                      world_size=world), ema=ema, keep=cfg.run.keep_checkpoints)
         dist_utils.barrier(info)
+        last_saved["step"] = step_done
         return path
 
     step = start_step
@@ -437,9 +481,11 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, max_steps_
             if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0 and step < end:
                 save(step)
             if stop.signal is not None:
-                save(step)
-                log(f"stopped by signal {stop.signal} after step {step}; checkpoint written. Continue with --resume")
-                raise KeyboardInterrupt
+                save(step)  # no-op when this step was just checkpointed
+                if info.is_main:
+                    log(f"stopped by {signal.Signals(stop.signal).name} after step {step}; checkpoint written. "
+                        "Continue with --resume")
+                raise StoppedBySignal(stop.signal, step)
         save(step)
     finally:
         if progress is not None:

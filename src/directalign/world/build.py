@@ -10,7 +10,8 @@ Stages (each writes its result before the next starts; ``--stages`` reruns a sub
 3. ``distill``: guidance distillation as for FLUX.1-dev: a student with a guidance input learns to match the
    frozen teacher's classifier-free-guided velocity ``v_u + g (v_c - v_u)`` for g in [1, 6].
 4. ``reward``: a CLIPModel trained contrastively on rendered images and captions (style words as suffixes or as SRPO
-   ``"<word>. "`` prefixes), with one-attribute-swapped captions as hard negatives.
+   ``"<word>. "`` prefixes; colours sometimes left out so attributes compose), with one-attribute-swapped captions as
+   hard negatives.
 
 The output directory holds ``generator/`` (diffusers format, loadable with ``FluxPipeline.from_pretrained``),
 ``reward/`` (``CLIPModel.from_pretrained``) and ``build_log.json``.
@@ -258,9 +259,21 @@ def distill_guidance(comps: dict, steps: int, batch: int, seed: int, n_data: int
 
 
 # ---------------------------------------------------------------------------------------------------------- reward
-def _swap_one(attrs: ds.Attributes, names_texture: bool, names_lighting: bool, rng) -> ds.Attributes:
-    """The same attributes with exactly one attribute the caption names changed (a hard negative)."""
-    keys = ["fg", "bg", "shape"] + (["texture"] if names_texture else []) + (["lighting"] if names_lighting else [])
+# Reward captions name shape always, each colour with this probability, and the styles the example names: partial
+# captions make the text tower represent each attribute on its own, so held-out colour/shape combinations compose.
+REWARD_NAME_COLOUR_PROB = 0.8
+
+
+def _reward_names(names_texture: bool, names_lighting: bool, rng) -> tuple[str, ...]:
+    names = ["shape"]
+    names += [k for k in ("fg", "bg") if rng.random() < REWARD_NAME_COLOUR_PROB]
+    names += (["texture"] if names_texture else []) + (["lighting"] if names_lighting else [])
+    return tuple(names)
+
+
+def _swap_one(attrs: ds.Attributes, names: tuple[str, ...], rng) -> ds.Attributes:
+    """The same attributes with exactly one named attribute changed (a hard negative); shape twice as often."""
+    keys = [k for k in names for _ in range(2 if k == "shape" else 1)]
     key = keys[rng.integers(len(keys))]
     options = {"fg": [c for c in ds.COLORS if c not in (attrs.fg, attrs.bg)],
                "bg": [c for c in ds.COLORS if c not in (attrs.fg, attrs.bg)],
@@ -270,14 +283,16 @@ def _swap_one(attrs: ds.Attributes, names_texture: bool, names_lighting: bool, r
     return ds.with_style(attrs, **{key: options[rng.integers(len(options))]})
 
 
-def reward_caption(attrs: ds.Attributes, names_texture: bool, names_lighting: bool, rng) -> str:
-    """Captions for reward training: style words as suffixes or as SRPO-style ``"<word>. "`` prefixes."""
+def reward_caption(attrs: ds.Attributes, names: tuple[str, ...], rng) -> str:
+    """A caption naming ``names``; style words as suffixes or as SRPO-style ``"<word>. "`` prefixes."""
+    text = f"a {attrs.fg} {attrs.shape}" if "fg" in names else f"a {attrs.shape}"
+    if "bg" in names:
+        text += f" on a {attrs.bg} background"
+    words = [getattr(attrs, k) for k in ("texture", "lighting") if k in names]
     if rng.random() < 0.5:
-        return ds.caption(attrs, names_texture, names_lighting)
-    words = ([attrs.texture] if names_texture else []) + ([attrs.lighting] if names_lighting else [])
+        return text + "".join(f", {w}" for w in words)
     rng.shuffle(words)
-    prefix = "".join(f"{w}. " for w in words)
-    return prefix + ds.base_caption(attrs.fg, attrs.bg, attrs.shape)
+    return "".join(f"{w}. " for w in words) + text
 
 
 def augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -308,9 +323,9 @@ def train_reward(steps: int, batch: int, seed: int):
             g["lr"] = lr
         examples = ds.sample_examples(batch, seed=seed * 7919 + step)
         images = augment(ds.render_batch(examples), gen)
-        pos = [reward_caption(e.attrs, e.names_texture, e.names_lighting, rng) for e in examples]
-        neg = [reward_caption(_swap_one(e.attrs, e.names_texture, e.names_lighting, rng), e.names_texture,
-                              e.names_lighting, rng) for e in examples]
+        names = [_reward_names(e.names_texture, e.names_lighting, rng) for e in examples]
+        pos = [reward_caption(e.attrs, n, rng) for e, n in zip(examples, names)]
+        neg = [reward_caption(_swap_one(e.attrs, n, rng), n, rng) for e, n in zip(examples, names)]
         text_in = tok(pos + neg, padding="max_length", max_length=tok.model_max_length, truncation=True,
                       return_tensors="pt")
         img_emb = F.normalize(projected_features(model.get_image_features(pixel_values=(images - mean) / std)), dim=-1)
@@ -343,8 +358,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stages", default="vae,generator,distill,reward")
     p.add_argument("--vae-steps", type=int, default=1200)
-    p.add_argument("--generator-steps", type=int, default=7000)
-    p.add_argument("--distill-steps", type=int, default=1200)
+    p.add_argument("--generator-steps", type=int, default=6000)
+    p.add_argument("--distill-steps", type=int, default=600)
     p.add_argument("--reward-steps", type=int, default=2500)
     p.add_argument("--n-data", type=int, default=40000)
     p.add_argument("--eval-every", type=int, default=1000)

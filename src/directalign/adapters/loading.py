@@ -1,0 +1,73 @@
+"""Which adapter serves which ``model.family``, and a one-line check of a local diffusers directory.
+
+``check_model_dir`` reads ``model_index.json`` and names, in one line, what is wrong before any weight is loaded:
+a pipeline of another family, or a component (transformer, VAE, a text encoder or tokenizer, the scheduler) whose
+folder or weights are missing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    pipeline: str  # diffusers pipeline class name in model_index.json
+    adapter: str  # "module:Class" under directalign.adapters
+    components: tuple[str, ...]  # what the adapter needs
+
+    def adapter_class(self):
+        import importlib
+
+        module, cls = self.adapter.split(":")
+        return getattr(importlib.import_module(f"directalign.adapters.{module}"), cls)
+
+
+FAMILIES: dict[str, Family] = {
+    "flux": Family("flux", "FluxPipeline", "flux:FluxAdapter",
+                   ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")),
+    "sd3": Family("sd3", "StableDiffusion3Pipeline", "sd3:SD3Adapter",
+                  ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+                   "text_encoder_3", "tokenizer_3", "scheduler")),
+    "qwen-image": Family("qwen-image", "QwenImagePipeline", "qwen_image:QwenImageAdapter",
+                         ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")),
+}
+_FAMILY_OF_PIPELINE = {f.pipeline: f.name for f in FAMILIES.values()}
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json", ".pt", ".pth")
+
+
+def _has_weights(folder: Path) -> bool:
+    return any(f.name.endswith(_WEIGHT_SUFFIXES) for f in folder.iterdir() if f.is_file())
+
+
+def check_model_dir(path: str | Path, family: str) -> None:
+    """Raise ``ValueError`` with one line naming the problem if ``path`` cannot serve ``family``."""
+    fam = FAMILIES[family]
+    root = Path(path)
+    index_file = root / "model_index.json"
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise ValueError(f"{root} has no readable model_index.json; give a diffusers directory saved with "
+                         "save_pretrained") from None
+    cls = index.get("_class_name", "")
+    other = _FAMILY_OF_PIPELINE.get(cls)
+    if other and other != family:
+        raise ValueError(f"{root} holds a {cls} (model.family={other}), but model.family={family}; set "
+                         f"model.family={other}")
+    missing = []
+    for name in fam.components:
+        entry = index.get(name)
+        folder = root / name
+        if not entry or entry[0] is None or not folder.is_dir():
+            missing.append(name)
+        elif name.startswith(("tokenizer", "scheduler")):
+            if not any(folder.iterdir()):
+                missing.append(name)
+        elif not (folder / "config.json").is_file() or not _has_weights(folder):
+            missing.append(f"{name} (no config.json or weights)")
+    if missing:
+        raise ValueError(f"{root} is missing what a {fam.pipeline} needs: {', '.join(missing)}")

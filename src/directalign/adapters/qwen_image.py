@@ -1,0 +1,209 @@
+"""Qwen-Image adapter (``QwenImagePipeline``: one Qwen2.5-VL text encoder, a 3D causal VAE, packed latents).
+
+* Latents live in the pipeline's packed layout (B, (h/2)*(w/2), 4*C) with ``h, w = H / vae_scale_factor``, the same
+  2x2 packing as FLUX. The VAE works on video tensors (B, C, T, H, W); images are one frame (T = 1).
+* The VAE normalises latents per channel with ``latents_mean`` / ``latents_std`` from its config (never hard-coded):
+  ``z_model = (z_vae - mean) / std``.
+* The transformer takes ``timestep = sigma`` (the pipeline passes ``scheduler.timesteps / 1000``) and no pooled
+  vector; text tokens come with a padding mask, since prompts of one batch have different lengths.
+* Qwen-Image has no guidance embedding. ``guidance > 1`` runs true classifier-free guidance against
+  ``negative_prompt`` exactly as ``QwenImagePipeline`` does: two transformer passes and the norm rescale
+  ``v = v_cfg * |v_cond| / |v_cfg|`` (per token, over channels). The official SRPO Qwen code rolls out with true
+  CFG 4.0 and trains with ``train_cfg = 1`` (no CFG in the differentiable step).
+* Prompt embeddings are cached per prompt (unpadded) and padded per batch, with the mask, in ``encode_prompts``.
+  ``set_prompt_embeds`` accepts precomputed embeddings, so a run can proceed with the text encoder never loaded.
+
+Differences from the official SRPO Qwen code (srpo-method-notes 2.6): ``decode`` clamps to [0, 1] as the pipeline's
+postprocessing does; the official code min-max normalises each image instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .base import model_identity
+
+
+@dataclass
+class MaskedPromptEmbeds:
+    """Text conditioning of a batch: token embeddings (B, L, D) and their padding mask (B, L), 1 = real token."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+
+    def __getitem__(self, index) -> "MaskedPromptEmbeds":
+        return MaskedPromptEmbeds(self.tokens[index], self.mask[index])
+
+    @staticmethod
+    def cat(items: list["MaskedPromptEmbeds"]) -> "MaskedPromptEmbeds":
+        """Concatenate along the batch, right-padding every item to the longest sequence (mask 0 on padding)."""
+        length = max(e.tokens.shape[1] for e in items)
+
+        def pad(t, value=0):
+            extra = length - t.shape[1]
+            if not extra:
+                return t
+            shape = (t.shape[0], extra, *t.shape[2:])
+            return torch.cat([t, t.new_full(shape, value)], dim=1)
+
+        return MaskedPromptEmbeds(torch.cat([pad(e.tokens) for e in items]), torch.cat([pad(e.mask) for e in items]))
+
+    def to(self, *args, **kwargs) -> "MaskedPromptEmbeds":
+        tokens = self.tokens.to(*args, **kwargs)
+        return MaskedPromptEmbeds(tokens, self.mask.to(tokens.device))
+
+
+class QwenImageAdapter:
+    family = "qwen-image"
+    # Joint attention and both streams' feed-forward layers of every QwenImageTransformerBlock.
+    lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+                           "to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj",
+                           "txt_mlp.net.2")
+    has_guidance_embedding = False
+
+    def __init__(self, pipe, max_sequence_length: int | None = None, negative_prompt: str = " "):
+        self.pipe = pipe
+        pipe.set_progress_bar_config(disable=True)
+        self.max_sequence_length = max_sequence_length or 512  # QwenImagePipeline.__call__'s default
+        self.negative_prompt = negative_prompt
+        self._cache: dict[str, MaskedPromptEmbeds] = {}
+        for name in ("vae", "text_encoder"):
+            module = getattr(pipe, name, None)
+            if module is not None:
+                module.requires_grad_(False).eval()
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                        max_sequence_length: int | None = None, **kwargs) -> "QwenImageAdapter":
+        from diffusers import QwenImagePipeline
+
+        from ..compat import dtype_kwargs
+
+        pipe = QwenImagePipeline.from_pretrained(path, **dtype_kwargs(dtype), **kwargs).to(device)
+        return cls(pipe, max_sequence_length)
+
+    # --------------------------------------------------------------------------------------------- components
+    @property
+    def transformer(self):
+        return self.pipe.transformer
+
+    @property
+    def vae(self):
+        return self.pipe.vae
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.transformer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipe.transformer.dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.pipe.vae_scale_factor
+
+    @property
+    def resolution_multiple(self) -> int:
+        """Height and width must be multiples of this (VAE factor x 2x2 packing)."""
+        return self.vae_scale_factor * 2
+
+    def identity(self) -> dict:
+        return model_identity(self.family, self.transformer, max_sequence_length=self.max_sequence_length)
+
+    # ---------------------------------------------------------------------------------------------- text
+    def set_prompt_embeds(self, embeds: dict[str, torch.Tensor]) -> None:
+        """Precomputed embeddings ``{prompt: (L, D) or (1, L, D)}`` (unpadded; e.g. from ``pipe.encode_prompt`` on
+        another machine). Prompts found here never touch the text encoder; include ``negative_prompt`` for CFG."""
+        for prompt, t in embeds.items():
+            t = t if t.ndim == 3 else t[None]
+            self._cache[prompt] = MaskedPromptEmbeds(t, torch.ones(t.shape[:2], dtype=torch.long, device=t.device))
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> MaskedPromptEmbeds:
+        """Prompt embeddings through the pipeline's own template and encoder, cached per prompt string."""
+        missing = sorted({p for p in prompts if p not in self._cache})
+        if missing:
+            if self.pipe.text_encoder is None:
+                raise RuntimeError(f"no text encoder loaded and no precomputed embeddings for {missing[0]!r}; "
+                                   "call set_prompt_embeds first")
+            tokens, mask = self.pipe.encode_prompt(missing, device=self.device,
+                                                   max_sequence_length=self.max_sequence_length)
+            for i, p in enumerate(missing):
+                n = int(mask[i].sum()) if mask is not None else tokens.shape[1]
+                t = tokens[i : i + 1, :n]
+                self._cache[p] = MaskedPromptEmbeds(t, torch.ones((1, n), dtype=torch.long, device=t.device))
+        return MaskedPromptEmbeds.cat([self._cache[p] for p in prompts])
+
+    def unload_text_encoders(self) -> None:
+        if self.pipe.text_encoder is not None:
+            self.pipe.text_encoder.cpu()
+
+    # ---------------------------------------------------------------------------------------------- latents
+    def latent_hw(self, height: int, width: int) -> tuple[int, int]:
+        m = self.resolution_multiple
+        if height % m or width % m:
+            raise ValueError(f"resolution {height}x{width} is not a multiple of {m} (VAE factor "
+                             f"{self.vae_scale_factor} x 2x2 packing); use e.g. {height // m * m or m}")
+        return height // self.vae_scale_factor, width // self.vae_scale_factor
+
+    def _channels(self) -> int:
+        return self.transformer.config.in_channels // 4
+
+    def noise(self, batch: int, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
+        """Gaussian noise in the packed layout, drawn in the unpacked (B, 1, C, h, w) layout as the pipeline does."""
+        h, w = self.latent_hw(height, width)
+        c = self._channels()
+        z = torch.randn((batch, c, h, w), generator=generator, device=generator.device, dtype=torch.float32)
+        return self.pipe._pack_latents(z.to(self.device, self.dtype), batch, c, h, w)
+
+    def _forward(self, x, sigma, embeds: MaskedPromptEmbeds, height: int, width: int) -> torch.Tensor:
+        b = x.shape[0]
+        h, w = self.latent_hw(height, width)
+        mask = embeds.mask.to(x.device)
+        return self.transformer(
+            hidden_states=x,
+            timestep=sigma.to(x.dtype).expand(b),
+            guidance=None,
+            encoder_hidden_states=embeds.tokens.to(x.device, x.dtype),
+            encoder_hidden_states_mask=None if bool(mask.all()) else mask,
+            img_shapes=[[(1, h // 2, w // 2)]] * b,
+            return_dict=False,
+        )[0]
+
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, embeds: MaskedPromptEmbeds, guidance: float | None,
+                 height: int, width: int) -> torch.Tensor:
+        v = self._forward(x, sigma, embeds, height, width)
+        if guidance is None or guidance <= 1.0:
+            return v
+        neg = self.encode_prompts([self.negative_prompt] * x.shape[0])
+        v_neg = self._forward(x, sigma, neg, height, width)
+        comb = v_neg + guidance * (v - v_neg)
+        return comb * (torch.norm(v, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
+
+    def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.vae.config
+        shape = (1, cfg.z_dim, 1, 1, 1)
+        mean = torch.tensor(cfg.latents_mean, device=like.device, dtype=like.dtype).view(shape)
+        std = torch.tensor(cfg.latents_std, device=like.device, dtype=like.dtype).view(shape)
+        return mean, std
+
+    def decode(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Packed latents -> images (B, 3, H, W) in [0, 1], differentiable (the VAE itself is frozen)."""
+        z = self.pipe._unpack_latents(x, height, width, self.vae_scale_factor).to(self.vae.dtype)
+        mean, std = self._latent_stats(z)
+        image = self.vae.decode(z * std + mean, return_dict=False)[0][:, :, 0]
+        return (image / 2 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [0, 1] -> packed, normalised latents (the VAE posterior mean)."""
+        pixels = (images * 2 - 1).to(self.device, self.vae.dtype)[:, :, None]
+        z = self.vae.encode(pixels).latent_dist.mean
+        mean, std = self._latent_stats(z)
+        z = ((z - mean) / std)[:, :, 0]
+        b, c, h, w = z.shape
+        return self.pipe._pack_latents(z.to(self.dtype), b, c, h, w)
