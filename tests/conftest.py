@@ -45,6 +45,11 @@ def _no_network(monkeypatch, request):
     monkeypatch.setattr(socket, "create_connection", create_connection)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import (often before this fixture runs): set its flag too, so hub
+    # lookups fail the way they do offline instead of reaching the socket guard
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,7 @@
 Two layouts are accepted:
 
 * a folder of images (``.png``, ``.jpg``, ``.jpeg``, ``.webp``), each with a caption in a ``.txt`` file of the same
-  name (``cat.png`` + ``cat.txt``);
+  name (``cat.png`` + ``cat.txt``); a caption without its image, or two images sharing one caption, is an error;
 * a ``.jsonl`` manifest with one ``{"image": "<path, relative to the manifest>", "caption": "..."}`` per line.
 
 Images are resized (shortest side) and centre-cropped to the training resolution and held in memory as float tensors
@@ -43,6 +43,9 @@ def _load_image(path: Path, height: int, width: int) -> torch.Tensor:
         with Image.open(path) as im:
             im.load()
             im = im.convert("RGB")
+    except Image.DecompressionBombError:
+        raise DataError(f"image {path} is too large to decode safely (over {Image.MAX_IMAGE_PIXELS} pixels); "
+                        "downscale it") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"image {path} is corrupt or truncated ({type(e).__name__}); replace or remove it") from None
     scale = max(height / im.height, width / im.width)
@@ -58,6 +61,16 @@ def _pairs_from_folder(folder: Path) -> list[tuple[Path, str]]:
     images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise DataError(f"offline data folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    stems: dict[str, Path] = {}
+    for img in images:
+        if img.stem in stems:
+            raise DataError(f"images {stems[img.stem].name} and {img.name} in {folder} would share the caption file "
+                            f"{img.stem}.txt; rename one of them")
+        stems[img.stem] = img
+    for cap in sorted(folder.glob("*.txt")):
+        if cap.stem not in stems:
+            raise DataError(f"caption {cap} has no image of the same name ({cap.stem}.png, .jpg, ...); add the image "
+                            "or remove the caption")
     for img in images:
         cap = img.with_suffix(".txt")
         if not cap.is_file():

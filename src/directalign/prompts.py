@@ -74,12 +74,14 @@ def load_prompts(source: str) -> list[str]:
             return ds.heldout_prompts()
         raise PromptError(f"unknown tiny-world prompt split {split!r}; use tiny-world:train or tiny-world:heldout")
     path = Path(source)
+    if path.is_dir():
+        raise PromptError(f"prompt file {source!r} is a directory; give a .txt, .jsonl or .csv file")
     if not path.is_file():
         raise PromptError(f"prompt file {source!r} does not exist; give a .txt, .jsonl or .csv file")
     if path.stat().st_size > MAX_PROMPT_FILE_BYTES:
         raise PromptError(f"prompt file {source!r} is larger than {MAX_PROMPT_FILE_BYTES >> 20} MB; split it")
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8-sig")  # a byte-order mark (spreadsheet exports) is dropped
     except UnicodeDecodeError:
         raise PromptError(f"prompt file {source!r} is not UTF-8 text; re-save it as UTF-8") from None
     suffix = path.suffix.lower()
@@ -96,7 +98,10 @@ def load_prompts(source: str) -> list[str]:
                 raise PromptError(f"{source}:{i} has no string field \"prompt\"")
             prompts.append(item["prompt"])
     elif suffix == ".csv":
-        rows = list(csv.DictReader(io.StringIO(text)))
+        try:
+            rows = list(csv.DictReader(io.StringIO(text)))
+        except csv.Error as e:
+            raise PromptError(f"{source} is not a readable CSV file ({e}); save it as plain comma-separated text")
         if not rows or "prompt" not in rows[0]:
             raise PromptError(f"{source} needs a header row with a 'prompt' column")
         prompts = [row["prompt"] for row in rows]

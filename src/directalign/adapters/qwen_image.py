@@ -70,6 +70,7 @@ class QwenImageAdapter:
         self.max_sequence_length = max_sequence_length or 512  # QwenImagePipeline.__call__'s default
         self.negative_prompt = negative_prompt
         self._cache: dict[str, MaskedPromptEmbeds] = {}
+        self.decode_checkpointing = False
         for name in ("vae", "text_encoder"):
             module = getattr(pipe, name, None)
             if module is not None:
@@ -191,11 +192,25 @@ class QwenImageAdapter:
         std = torch.tensor(cfg.latents_std, device=like.device, dtype=like.dtype).view(shape)
         return mean, std
 
+    def enable_vae_checkpointing(self) -> None:
+        """Recompute the whole VAE decode in the backward pass instead of keeping its activations.
+        ``AutoencoderKLQwenImage`` does not support diffusers' ``enable_gradient_checkpointing`` (diffusers 0.42),
+        so ``train.vae_checkpointing`` cannot reach it; this is the adapter-level equivalent."""
+        self.decode_checkpointing = True
+
+    def _decode_z(self, z: torch.Tensor) -> torch.Tensor:
+        mean, std = self._latent_stats(z)
+        return self.vae.decode(z * std + mean, return_dict=False)[0][:, :, 0]
+
     def decode(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Packed latents -> images (B, 3, H, W) in [0, 1], differentiable (the VAE itself is frozen)."""
         z = self.pipe._unpack_latents(x, height, width, self.vae_scale_factor).to(self.vae.dtype)
-        mean, std = self._latent_stats(z)
-        image = self.vae.decode(z * std + mean, return_dict=False)[0][:, :, 0]
+        if self.decode_checkpointing and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            image = checkpoint(self._decode_z, z, use_reentrant=False)
+        else:
+            image = self._decode_z(z)
         return (image / 2 + 0.5).clamp(0, 1)
 
     @torch.no_grad()

@@ -8,6 +8,7 @@ allowed. ``directalign train --print-config`` shows the resolved configuration.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -35,16 +36,57 @@ class ModelConfig:
     # A run of another model may continue from these weights only; resume checks it.
 
 
+REWARD_TERM_KINDS = ("tiny-world", "clip", "pickscore", "hpsv2", "aesthetic", "imagereward")
+
+
+@dataclass
+class RewardTerms:
+    """``reward.kind=sum``: term i is the raw score of ``kinds[i]`` loaded from ``paths[i]`` (pickscore:
+    logit_scale.exp() * cos; hpsv2 / clip / tiny-world: cos; aesthetic: the MLP's 1..10; imagereward: its
+    normalised score), combined as ``sum_i weights[i] * (s_i - means[i]) / stds[i]``. Empty weights / means / stds
+    lists mean 1 / 0 / 1 for every term (no normalisation); nothing is estimated from data."""
+
+    kinds: list[str] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    means: list[float] = field(default_factory=list)
+    stds: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        n = len(self.kinds)
+        for kind in self.kinds:
+            if kind not in REWARD_TERM_KINDS:
+                raise ConfigError(f"reward.terms.kinds: {kind!r} is not allowed; choose from "
+                                  f"{', '.join(REWARD_TERM_KINDS)}")
+        if len(self.paths) != n:
+            raise ConfigError(f"reward.terms.paths: need one path per kind ({n}), got {len(self.paths)}")
+        for key in ("weights", "means", "stds"):
+            values = getattr(self, key)
+            if values and len(values) != n:
+                raise ConfigError(f"reward.terms.{key}: need one value per kind ({n}) or an empty list, got "
+                                  f"{len(values)}")
+        if any(not s > 0 for s in self.stds):
+            raise ConfigError(f"reward.terms.stds: every std must be > 0, got {self.stds}")
+
+
 @dataclass
 class RewardConfig:
-    kind: str = "tiny-world"  # tiny-world | clip (any transformers CLIPModel dir or hub id)
+    # tiny-world | clip (any transformers CLIPModel) | pickscore | hpsv2 | aesthetic | imagereward | sum
+    # (directalign.rewards.zoo documents what reward.path holds for each kind)
+    kind: str = "tiny-world"
     path: str = "tiny-world"
     form: str = "official"  # official | paper | relative | absolute
     positive_words: list[str] = field(default_factory=lambda: ["textured"])
     negative_words: list[str] = field(default_factory=lambda: ["flat"])
     selection: str = "round_robin"  # round_robin (official) | random
-    use_logit_scale: bool = False  # PickScore / CLIP: True with divisor 20 as in the official code
-    divisor: float = 1.0
+    use_logit_scale: bool = False  # kind=clip: scale cos by logit_scale.exp() (kind=pickscore always does)
+    divisor: float = 1.0  # every single-reward kind: score / divisor (PickScore in the official SRPO code: 20)
+    tokenizer: str = ""  # text tokenizer when reward.path has none: hpsv2 from a .pt (default
+    #                      laion/CLIP-ViT-H-14-laion2B-s32B-b79K), pickscore fallback (same), imagereward
+    #                      (default bert-base-uncased)
+    clip_backbone: str = "openai/clip-vit-large-patch14"  # aesthetic: the CLIP ViT-L/14 under the MLP head
+    dtype: str = "float32"  # reward weights: float32 | bfloat16 | float16
+    terms: RewardTerms = field(default_factory=RewardTerms)  # kind=sum only
 
 
 @dataclass
@@ -73,6 +115,77 @@ class SRPOConfig:
     samples_per_rollout: int = 1  # Direct-Align draws per branch from one rollout
     offline_data: str = ""  # folder of images with captions (or a jsonl manifest); empty = online
     offline_until_step: int = -1  # switch to online rollouts at this step; -1 = offline for the whole run
+
+
+# ---------------------------------------------------------------------------------- baseline methods (issue 6)
+# Every baseline samples on the schedule ``shift(linspace(1, 0, steps + 1))`` with ``srpo.shift`` (the model's
+# schedule shift, shared with evaluation), and scores with ``reward.form`` (``absolute`` in every shipped baseline
+# config, as in the SRPO paper's Table 1; a relative form uses the control words with k = the evaluation's k).
+@dataclass
+class ReFLConfig:
+    """ReFL (Xu et al. 2023, ImageReward): no-grad ODE rollout to a random late step k, one differentiable model
+    call there, one-step x0 prediction ``x_k - sigma_k * v``, decode, reward, ``relu(threshold - r)``."""
+
+    rollout_steps: int = 25  # SRPO paper: 25 rollout steps for its direct-propagation baselines
+    guidance: float = 3.5  # FLUX.1-dev guidance embedding, rollout and differentiable call
+    step_range: list[int] = field(default_factory=lambda: [19, 24])  # k ~ U{lo..hi} on the rollout schedule;
+    #   ImageReward's ReFL.py: randint(30, 39) of 40 steps, scaled to 25 steps
+    loss: str = "hinge"  # hinge relu(threshold - r) | linear -r
+    hinge_threshold: float = 0.7  # SRPO code's HPS-scale threshold; ImageReward used 2 on its own score scale
+    loss_scale: float = 1.0  # ImageReward's ReFL.py multiplies the loss by grad_scale = 1e-3
+
+
+@dataclass
+class DRaFTConfig:
+    """DRaFT (Clark et al. 2023, arXiv 2309.17400). ``method: draft-k`` backpropagates through the last ``k``
+    sampler steps; ``method: draft-lv`` samples without gradient, re-noises the final sample ``lv_samples`` times to
+    the last step's sigma and averages the one-step-denoise gradients."""
+
+    sampling_steps: int = 25
+    guidance: float = 3.5
+    k: int = 1  # draft-k: differentiable last steps
+    lv_samples: int = 2  # draft-lv: re-noised copies n
+    checkpoint: bool = True  # torch.utils.checkpoint around each differentiable step (draft-k with k > 1)
+    loss: str = "linear"  # DRaFT maximises the reward: -r | hinge
+    hinge_threshold: float = 0.7
+
+
+@dataclass
+class AlignPropConfig:
+    """AlignProp (Prabhudesai et al. 2023, arXiv 2310.03739): backpropagation through the whole sampling chain with
+    per-step gradient checkpointing and randomised truncation: model calls before a random step index b get no
+    gradient (AlignProp's ``if i < backprop_timestep: noise_pred = noise_pred.detach()``)."""
+
+    sampling_steps: int = 25
+    guidance: float = 3.5
+    truncation: str = "gaussian"  # gaussian | uniform | fixed (AlignProp's backprop_strategy)
+    gaussian: list[float] = field(default_factory=lambda: [21.0, 2.5])  # b ~ round(N(mean, std)); AlignProp:
+    #   (42, 5) of 50 steps, scaled to 25
+    uniform: list[int] = field(default_factory=lambda: [15, 24])  # b ~ U{lo..hi}; AlignProp: (30, 50) of 50
+    fixed: int = 24  # AlignProp: 49 of 50 (one differentiable step)
+    checkpoint: bool = True
+    loss: str = "linear"  # -r | hinge
+    hinge_threshold: float = 0.7
+
+
+@dataclass
+class GRPOConfig:
+    """DanceGRPO / Flow-GRPO: SDE rollouts with per-step Gaussian log-probabilities (fp32), groups of
+    ``group_size`` samples per prompt, group-normalised advantages, PPO-clipped ratio loss on a random
+    ``timestep_fraction`` of the SDE steps, optional KL to the reference (base) model."""
+
+    sde: str = "dance"  # dance: diffusion g = eta (DanceGRPO flux_step) | flow: g = eta*sqrt(s/(1-s)) (Flow-GRPO)
+    sampling_steps: int = 16  # DanceGRPO FLUX script
+    guidance: float = 3.5  # DanceGRPO hard-codes guidance 3.5 in its FLUX sampler
+    eta: float = 0.3  # DanceGRPO --eta 0.3 (Flow-GRPO noise_level 0.7 default, 0.9 in its FLUX PickScore config)
+    group_size: int = 12  # DanceGRPO --num_generations 12
+    same_initial_noise: bool = True  # DanceGRPO --init_same_noise; Flow-GRPO same_latent=False
+    timestep_fraction: float = 0.6  # DanceGRPO --timestep_fraction 0.6
+    clip_range: float = 1.0e-4  # both codes
+    adv_clip_max: float = 5.0  # both codes
+    advantage_eps: float = 1.0e-8  # DanceGRPO (Flow-GRPO's stat tracker: 1e-4)
+    kl_beta: float = 0.0  # DanceGRPO: no KL; Flow-GRPO FLUX PickScore: beta 0 (SD3.5 configs 0.01-0.04)
+    micro_batch: int = 0  # samples per differentiable forward (0: the whole batch); gradient accumulation
 
 
 @dataclass
@@ -129,6 +242,10 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     srpo: SRPOConfig = field(default_factory=SRPOConfig)
+    refl: ReFLConfig = field(default_factory=ReFLConfig)
+    draft: DRaFTConfig = field(default_factory=DRaFTConfig)
+    alignprop: AlignPropConfig = field(default_factory=AlignPropConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -141,10 +258,15 @@ class Config:
 
 
 CHOICES: dict[str, tuple] = {
-    "method": ("srpo", "direct-align"),
+    "method": ("srpo", "direct-align", "refl", "draft-k", "draft-lv", "alignprop", "grpo"),
+    "refl.loss": ("hinge", "linear"),
+    "draft.loss": ("hinge", "linear"),
+    "alignprop.loss": ("hinge", "linear"),
+    "alignprop.truncation": ("gaussian", "uniform", "fixed"),
+    "grpo.sde": ("dance", "flow"),
     "model.family": ("flux", "sd3", "qwen-image"),
     "model.dtype": ("float32", "bfloat16", "float16"),
-    "reward.kind": ("tiny-world", "clip"),
+    "reward.kind": ("tiny-world", "clip", "pickscore", "hpsv2", "aesthetic", "imagereward", "sum"),
     "reward.form": ("official", "paper", "relative", "absolute"),
     "reward.selection": ("round_robin", "random"),
     "srpo.noise_prior": ("rollout", "fresh"),
@@ -192,11 +314,19 @@ def _coerce(value, tp, key: str):
     if tp is float:
         if isinstance(value, str) and _YAML11_FLOAT_GAP.match(value.strip()):
             # PyYAML (YAML 1.1) reads exponent floats without a dot, such as 1e-3, as strings
-            return float(value)
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            out = float(value)
+        except OverflowError:  # an integer beyond float range
+            out = math.inf
+        if not math.isfinite(out):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return out
     if tp is str:
+        if isinstance(value, bool) and ("yes" if value else "no") in CHOICES.get(key, ()):
+            return "yes" if value else "no"  # YAML 1.1 reads an unquoted no / yes (train.mixed_precision) as a bool
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
@@ -307,6 +437,7 @@ def validate(cfg: Config) -> None:
 
     t, s, m, r, e, run = cfg.train, cfg.srpo, cfg.model, cfg.reward, cfg.eval, cfg.run
     need(t.steps >= 1, f"train.steps: must be >= 1, got {t.steps}")
+    need(0 <= t.seed < 2**63, f"train.seed: must be in [0, 2^63), got {t.seed}")
     need(t.batch_size >= 1, f"train.batch_size: must be >= 1, got {t.batch_size}")
     need(t.learning_rate > 0, f"train.learning_rate: must be > 0, got {t.learning_rate}")
     need(t.weight_decay >= 0, f"train.weight_decay: must be >= 0, got {t.weight_decay}")
@@ -347,7 +478,9 @@ def validate(cfg: Config) -> None:
     need(s.quantize_timestep >= 0, f"srpo.quantize_timestep: must be >= 0, got {s.quantize_timestep}")
     need(s.samples_per_rollout >= 1, f"srpo.samples_per_rollout: must be >= 1, got {s.samples_per_rollout}")
     need(s.offline_until_step >= -1, f"srpo.offline_until_step: must be >= -1, got {s.offline_until_step}")
+    _validate_baselines(cfg, need)
     need(bool(e.seeds), "eval.seeds: need at least one seed")
+    need(all(0 <= x < 2**62 for x in e.seeds), f"eval.seeds: each seed must be in [0, 2^62), got {e.seeds}")
     need(e.steps >= 1, f"eval.steps: must be >= 1, got {e.steps}")
     need(e.best_of >= 1, f"eval.best_of: must be >= 1, got {e.best_of}")
     need(e.batch_size >= 1, f"eval.batch_size: must be >= 1, got {e.batch_size}")
@@ -355,6 +488,46 @@ def validate(cfg: Config) -> None:
     need(run.keep_checkpoints >= 1, f"run.keep_checkpoints: must be >= 1, got {run.keep_checkpoints}")
     need(run.log_every >= 1, f"run.log_every: must be >= 1, got {run.log_every}")
     need(bool(run.output_dir), "run.output_dir: empty; give a directory for the run")
+
+
+def _validate_baselines(cfg: Config, need) -> None:
+    """The baseline methods' sections (checked whatever the method, so a config stays valid when it switches)."""
+    r, d, a, g = cfg.refl, cfg.draft, cfg.alignprop, cfg.grpo
+    need(r.rollout_steps >= 1, f"refl.rollout_steps: must be >= 1, got {r.rollout_steps}")
+    need(len(r.step_range) == 2 and 1 <= r.step_range[0] <= r.step_range[1] < r.rollout_steps,
+         f"refl.step_range: need [lo, hi] with 1 <= lo <= hi < refl.rollout_steps ({r.rollout_steps}), got "
+         f"{r.step_range}")
+    need(r.loss_scale > 0, f"refl.loss_scale: must be > 0, got {r.loss_scale}")
+    need(d.sampling_steps >= 1, f"draft.sampling_steps: must be >= 1, got {d.sampling_steps}")
+    need(1 <= d.k <= d.sampling_steps, f"draft.k: must be in [1, draft.sampling_steps = {d.sampling_steps}], "
+         f"got {d.k}")
+    need(d.lv_samples >= 1, f"draft.lv_samples: must be >= 1, got {d.lv_samples}")
+    need(a.sampling_steps >= 1, f"alignprop.sampling_steps: must be >= 1, got {a.sampling_steps}")
+    # only the selected truncation strategy's setting must fit the sampling steps
+    if a.truncation == "gaussian":
+        need(len(a.gaussian) == 2 and a.gaussian[1] >= 0,
+             f"alignprop.gaussian: need [mean, std] with std >= 0, got {a.gaussian}")
+    elif a.truncation == "uniform":
+        need(len(a.uniform) == 2 and 0 <= a.uniform[0] <= a.uniform[1] < a.sampling_steps,
+             f"alignprop.uniform: need [lo, hi] with 0 <= lo <= hi < alignprop.sampling_steps "
+             f"({a.sampling_steps}), got {a.uniform}")
+    else:
+        need(0 <= a.fixed < a.sampling_steps, f"alignprop.fixed: must be in [0, alignprop.sampling_steps - 1 = "
+             f"{a.sampling_steps - 1}], got {a.fixed}")
+    need(g.sampling_steps >= 2, f"grpo.sampling_steps: must be >= 2 (the last step is deterministic), got "
+         f"{g.sampling_steps}")
+    need(g.eta > 0, f"grpo.eta: must be > 0 (the SDE needs noise for a log-probability), got {g.eta}")
+    need(g.group_size >= 2, f"grpo.group_size: must be >= 2 (advantages are relative within a group), got "
+         f"{g.group_size}")
+    need(0 < g.timestep_fraction <= 1, f"grpo.timestep_fraction: must be in (0, 1], got {g.timestep_fraction}")
+    need(g.clip_range >= 0, f"grpo.clip_range: must be >= 0, got {g.clip_range}")
+    need(g.adv_clip_max > 0, f"grpo.adv_clip_max: must be > 0, got {g.adv_clip_max}")
+    need(g.advantage_eps > 0, f"grpo.advantage_eps: must be > 0, got {g.advantage_eps}")
+    need(g.kl_beta >= 0, f"grpo.kl_beta: must be >= 0, got {g.kl_beta}")
+    need(g.micro_batch >= 0, f"grpo.micro_batch: must be >= 0 (0: whole batch), got {g.micro_batch}")
+    if cfg.method not in ("srpo", "direct-align"):
+        need(not cfg.srpo.offline_data, f"srpo.offline_data: offline real-image training is an SRPO mode; "
+             f"method {cfg.method} samples its own images (clear srpo.offline_data)")
 
 
 def diff_from_defaults(cfg: Config) -> dict:

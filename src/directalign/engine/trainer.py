@@ -133,26 +133,45 @@ def load_adapter(cfg: Config, device: torch.device):
 
 
 def load_reward(cfg: Config, device: torch.device):
-    from ..rewards.clip import CLIPReward
+    """The frozen reward of ``reward.kind`` (see :mod:`directalign.rewards.zoo`) on ``device``."""
+    from ..rewards.zoo import reward_from_config
 
     r = cfg.reward
-    if r.kind == "tiny-world":
-        from ..world.load import load_reward as load_tiny
-
-        reward = load_tiny()
-    else:
-        try:
-            reward = CLIPReward.from_pretrained(r.path, use_logit_scale=r.use_logit_scale, divisor=r.divisor)
-        except (OSError, ValueError) as e:
-            raise TrainingError(f"could not load reward.path {r.path!r} as a CLIP model: "
-                                f"{str(e).splitlines()[0]}") from None
+    try:
+        reward = reward_from_config(r)
+    except (OSError, ValueError) as e:
+        where = "reward.terms.paths" if r.kind == "sum" else f"reward.path {r.path!r}"
+        raise TrainingError(f"could not load {where} as reward.kind={r.kind}: {str(e).splitlines()[0]}") from None
+    form = "absolute" if cfg.method == "direct-align" else r.form
+    if form != "absolute" and not reward.text_conditioned:
+        raise TrainingError(f"reward.kind={r.kind} is image-only, so the {form!r} SRPO form has no text to "
+                            "contrast; set reward.form=absolute")
     return reward.to(device)
 
 
 def make_method(cfg: Config, adapter, reward):
-    from ..methods.srpo import SRPO
+    """The recipe of ``cfg.method``: srpo / direct-align (methods.srpo), refl, draft-k / draft-lv, alignprop, grpo."""
+    if cfg.method in ("srpo", "direct-align"):
+        from ..methods.srpo import SRPO
 
-    return SRPO(cfg, adapter, reward)
+        return SRPO(cfg, adapter, reward)
+    if cfg.method == "refl":
+        from ..methods.refl import ReFL
+
+        return ReFL(cfg, adapter, reward)
+    if cfg.method in ("draft-k", "draft-lv"):
+        from ..methods.draft import DRaFT
+
+        return DRaFT(cfg, adapter, reward)
+    if cfg.method == "alignprop":
+        from ..methods.alignprop import AlignProp
+
+        return AlignProp(cfg, adapter, reward)
+    if cfg.method == "grpo":
+        from ..methods.grpo import GRPO
+
+        return GRPO(cfg, adapter, reward)
+    raise TrainingError(f"method {cfg.method!r} has no recipe")
 
 
 def apply_finetune_mode(cfg: Config, adapter) -> list[torch.nn.Parameter]:

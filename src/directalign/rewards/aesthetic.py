@@ -96,11 +96,16 @@ class LaionAestheticReward(Reward):
     @classmethod
     def from_pretrained(cls, head_path: str | Path, clip_path: str | Path = CLIP_L14, dtype=torch.float32,
                         **kwargs) -> "LaionAestheticReward":
-        from transformers import CLIPVisionModelWithProjection
+        from transformers import AutoConfig, CLIPVisionModelWithProjection
 
-        from .clip_score import hf_dtype
+        from .clip_score import hf_dtype, load_checked
 
-        vision = CLIPVisionModelWithProjection.from_pretrained(clip_path, **hf_dtype(dtype))
+        config = AutoConfig.from_pretrained(clip_path)
+        if hasattr(config, "vision_config"):  # a full CLIPModel checkpoint: keep its projection width
+            projection_dim = config.projection_dim
+            config = config.vision_config
+            config.projection_dim = projection_dim
+        vision = load_checked(CLIPVisionModelWithProjection, clip_path, config=config, **hf_dtype(dtype))
         head = load_head(head_path).to(dtype)
         return cls(vision, head, **kwargs)
 

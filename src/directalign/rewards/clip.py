@@ -45,6 +45,29 @@ def clip_preprocess(images: torch.Tensor, size: int, mean=CLIP_MEAN, std=CLIP_ST
     return (images - m) / s
 
 
+def check_clip_dir(path: str | Path) -> None:
+    """For a local path: it exists and its config.json declares a CLIP model (cheap, before any weights load)."""
+    import json
+
+    text = str(path)
+    p = Path(text).expanduser()
+    if not (text.startswith((".", "/", "~")) or p.exists()):
+        return  # a hub id: checked after loading
+    if not p.is_dir():
+        raise ValueError(f"{text} does not exist or is not a directory; give a transformers CLIPModel directory")
+    config = p / "config.json"
+    if not config.is_file():
+        raise ValueError(f"{text} has no config.json, so it is not a transformers model directory; give a "
+                         "CLIPModel directory (saved with save_pretrained)")
+    try:
+        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        raise ValueError(f"{config} is not a valid JSON config; give a CLIPModel directory") from None
+    if model_type != "clip":
+        raise ValueError(f"{text} holds a {model_type or 'non-transformers'} model, not a CLIP model (config.json "
+                         "model_type must be 'clip'); point it at a CLIPModel checkpoint")
+
+
 class CLIPReward(Reward):
     """A text-conditioned reward from any ``transformers.CLIPModel`` and its tokenizer.
 
@@ -66,10 +89,32 @@ class CLIPReward(Reward):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs) -> "CLIPReward":
+        """Load a complete ``transformers`` CLIPModel and its tokenizer from a directory or hub id.
+
+        Anything else raises ``ValueError`` (one line, naming the problem) instead of loading silently: a directory
+        of another architecture (transformers would fill a CLIPModel with random weights), missing or corrupt
+        weights, or a pickle holding code (refused by ``torch.load(weights_only=True)``; nothing in it runs).
+        """
         from transformers import AutoTokenizer, CLIPModel
 
-        model = CLIPModel.from_pretrained(path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        check_clip_dir(path)
+        try:
+            model, info = CLIPModel.from_pretrained(path, output_loading_info=True)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError):
+            raise
+        except Exception as e:  # UnpicklingError (refused pickled code), SafetensorError (corrupt file), ...
+            import pickle
+
+            first = (str(e).strip().splitlines() or [""])[0][:160]
+            if isinstance(e, pickle.UnpicklingError):
+                first = "a pickled weights file holds objects other than tensors; refused, nothing in it ran"
+            raise ValueError(f"{path} holds unreadable or unsafe weights ({type(e).__name__}: {first}); give a "
+                             "CLIP checkpoint saved as safetensors") from None
+        missing = list(info.get("missing_keys") or [])
+        if missing:
+            raise ValueError(f"{path} is not a complete CLIP model: {len(missing)} weights are missing (e.g. "
+                             f"{missing[0]}); it holds another architecture; give a CLIPModel checkpoint")
         return cls(model, tokenizer, **kwargs)
 
     @property

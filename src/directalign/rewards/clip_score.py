@@ -54,7 +54,7 @@ class ClipScoreReward(CLIPReward):
                         **kwargs) -> "ClipScoreReward":
         from transformers import CLIPModel
 
-        model = CLIPModel.from_pretrained(path, **hf_dtype(dtype))
+        model = load_checked(CLIPModel, path, **hf_dtype(dtype))
         tok = load_clip_tokenizer(tokenizer or path, fallback=kwargs.pop("tokenizer_fallback", None))
         return cls(model, tok, **kwargs)
 
@@ -65,6 +65,43 @@ class ClipScoreReward(CLIPReward):
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         feats = projected_features(self.model.get_image_features(pixel_values=self.pixel_values(images)))
         return F.normalize(feats, dim=-1)
+
+
+def load_checked(cls, path, **kwargs):
+    """``cls.from_pretrained(path)`` that fails with one line instead of returning a model with freshly initialised
+    weights (a reward with random weights would train towards noise without any error): a local directory of
+    another architecture, missing, truncated or unsafe weights (pickled code is refused by transformers'
+    ``weights_only`` loading; nothing in it runs) all raise ``ValueError``. Unused checkpoint weights (a CLIP text
+    tower under a vision-only model) are expected and not reported."""
+    from transformers.utils import logging as tlog
+
+    from .clip import check_clip_dir
+
+    if cls.__name__ == "CLIPModel":
+        check_clip_dir(path)  # a local directory must declare model_type "clip"
+    level = tlog.get_verbosity()
+    tlog.set_verbosity_error()
+    try:
+        model, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
+    except (OSError, ValueError):
+        raise
+    except Exception as e:  # UnpicklingError (refused pickled code), SafetensorError (corrupt file), ...
+        import pickle
+
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        if isinstance(e, pickle.UnpicklingError):
+            first = "a pickled weights file holds objects other than tensors; refused, nothing in it ran"
+        raise ValueError(f"{path} holds unreadable or unsafe weights ({type(e).__name__}: {first}); give a "
+                         "checkpoint saved as safetensors") from None
+    finally:
+        tlog.set_verbosity(level)
+    missing = [k for k in info.get("missing_keys", []) if not k.endswith("position_ids")]
+    mismatched = info.get("mismatched_keys", [])
+    if missing or mismatched:
+        bad = missing[:2] or [m[0] if isinstance(m, (tuple, list)) else m for m in mismatched[:2]]
+        raise ValueError(f"{path} does not hold the weights a {cls.__name__} needs ({', '.join(map(str, bad))} "
+                         "missing or of another shape)")
+    return model
 
 
 def hf_dtype(dtype) -> dict:

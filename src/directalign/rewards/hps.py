@@ -146,6 +146,9 @@ def openclip_config(sd: dict[str, torch.Tensor], vision_heads: int | None = None
         vision_heads = width // VISION_HEAD_WIDTH.get(width, 64)
     if text_heads is None:
         text_heads = t_width // TEXT_HEAD_WIDTH
+    for tower, w, heads in (("vision", width, vision_heads), ("text", t_width, text_heads)):
+        if heads < 1 or w % heads:
+            raise ConversionError(f"cannot infer the {tower} attention heads of width {w}; pass {tower}_heads")
     text_cfg = dict(
         vocab_size=t_vocab, hidden_size=t_width,
         intermediate_size=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
@@ -222,19 +225,22 @@ class HPSv2Reward(ClipScoreReward):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, tokenizer: str | Path | None = None, dtype=torch.float32,
-                        divisor: float = 1.0, **kwargs) -> "HPSv2Reward":
+                        divisor: float = 1.0, vision_heads: int | None = None, text_heads: int | None = None,
+                        **kwargs) -> "HPSv2Reward":
         """``path``: an open_clip checkpoint file (``HPS_v2.1_compressed.pt``), or a directory converted with this
-        module's command line (a transformers CLIPModel)."""
+        module's command line (a transformers CLIPModel). ``vision_heads`` / ``text_heads``: only for open_clip
+        models whose head width is not in ``VISION_HEAD_WIDTH`` / 64."""
         from transformers import CLIPModel
 
-        from .clip_score import hf_dtype
+        from .clip_score import hf_dtype, load_checked
 
         p = Path(path)
         if p.is_file():
-            model = clip_model_from_openclip(load_openclip_state_dict(p), dtype=dtype)
+            model = clip_model_from_openclip(load_openclip_state_dict(p), dtype=dtype, vision_heads=vision_heads,
+                                             text_heads=text_heads)
             tok = load_clip_tokenizer(tokenizer or LAION_H14)
         else:
-            model = CLIPModel.from_pretrained(path, **hf_dtype(dtype))
+            model = load_checked(CLIPModel, path, **hf_dtype(dtype))
             tok = load_clip_tokenizer(tokenizer or path, fallback=LAION_H14)
         return cls(model, tok, divisor=divisor, **kwargs)
 

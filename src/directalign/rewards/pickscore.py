@@ -36,8 +36,8 @@ class PickScoreReward(ClipScoreReward):
                         dtype=torch.float32, divisor: float = 1.0, **kwargs) -> "PickScoreReward":
         from transformers import CLIPModel
 
-        from .clip_score import hf_dtype, load_clip_tokenizer
+        from .clip_score import hf_dtype, load_checked, load_clip_tokenizer
 
-        model = CLIPModel.from_pretrained(path, **hf_dtype(dtype))
+        model = load_checked(CLIPModel, path, **hf_dtype(dtype))
         tok = load_clip_tokenizer(tokenizer or path, fallback=LAION_H14)
         return cls(model, tok, divisor=divisor, **kwargs)

@@ -100,10 +100,10 @@ def reward_config() -> CLIPConfig:
         pad_token_id=ids["pad"],
     )
     vision_cfg = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=2,
+        hidden_size=128,  # shape perception needed the width: at 64 wide / 3 layers held-out retrieval was 0.7
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
         image_size=ds.RESOLUTION,
         patch_size=4,
     )

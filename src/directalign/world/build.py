@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stages", default="vae,generator,distill,reward")
     p.add_argument("--vae-steps", type=int, default=1200)
-    p.add_argument("--generator-steps", type=int, default=6000)
+    p.add_argument("--generator-steps", type=int, default=2500)
     p.add_argument("--distill-steps", type=int, default=600)
     p.add_argument("--reward-steps", type=int, default=2500)
     p.add_argument("--n-data", type=int, default=40000)

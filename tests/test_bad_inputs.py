@@ -1,0 +1,290 @@
+"""Bad inputs through ``directalign.cli.main``: each one exits with status 2 and exactly one stderr line
+``directalign: error: ...`` that names the problem and the fix, prints no traceback, and changes no existing file.
+
+One workspace serves every case: an existing run (with a checkpoint at step 1), input files of every kind, model
+directories of the wrong kind. Its files (and the model world's) are fingerprinted before and after each case.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import struct
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from directalign.cli import main
+
+FAST = ["train.steps=2", "train.batch_size=1", "srpo.rollout_steps=2", "srpo.grid_points=40",
+        "srpo.window_margin=2", "eval.before=false", "run.progress=false", "train.lora_rank=4", "eval.seeds=[0]",
+        "eval.steps=2", "eval.best_of=1", "run.report=false"]
+
+
+def _sets(items) -> list[str]:
+    out = []
+    for s in items:
+        out += ["--set", s]
+    return out
+
+
+def _png(path: Path, color=(200, 30, 30)) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), color).save(path)
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _offline(folder: Path, n: int = 3) -> Path:
+    folder.mkdir(parents=True)
+    for i in range(n):
+        _png(folder / f"img{i}.png", (40 * i, 100, 200))
+        (folder / f"img{i}.txt").write_text(f"a red circle number {i}\n", encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ws(random_world_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad-inputs")
+    world = random_world_dir
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DIRECTALIGN_WORLD_DIR", str(world))
+        code = main(["train", *_sets(FAST + [f"run.output_dir={root / 'run'}"]), "--max-steps-this-session", "1"])
+        assert code == 0
+    assert (root / "run" / "checkpoints" / "step-00000001" / "state.json").is_file()
+    shutil.copytree(root / "run", root / "run-corrupt")
+    t = root / "run-corrupt" / "checkpoints" / "step-00000001" / "trainable.safetensors"
+    t.write_bytes(t.read_bytes()[:100])
+    (root / "run-nockpt").mkdir()
+    (root / "run-nockpt" / "metrics.jsonl").write_text("")
+
+    # configs
+    c = root / "configs"
+    c.mkdir()
+    (c / "unknown.yaml").write_text("srpo:\n  windw: [5, 25]\n", encoding="utf-8")
+    (c / "invalid.yaml").write_text("train:\n  steps: [1,\n", encoding="utf-8")
+    (c / "latin1.yaml").write_bytes("train:\n  prompts: caf\xe9\n".encode("latin-1"))
+    (c / "list.yaml").write_text("- train\n- srpo\n", encoding="utf-8")
+
+    # prompts
+    p = root / "prompts"
+    p.mkdir()
+    (p / "empty.txt").write_text("\n  \n\n", encoding="utf-8")
+    (p / "latin1.txt").write_bytes("a caf\xe9 on a table\n".encode("latin-1"))
+    with open(p / "huge.txt", "wb") as fh:  # sparse: 51 MB on paper, nothing on disk
+        fh.truncate(51 * 1024 * 1024)
+    (p / "longline.txt").write_text("a red circle\n" + "very " * 500 + "long\n", encoding="utf-8")
+    (p / "bad.jsonl").write_text('{"prompt": "a red circle"}\n{"prompt": oops}\n', encoding="utf-8")
+    (p / "nocol.csv").write_text("caption\na red circle\n", encoding="utf-8")
+    (p / "hugefield.csv").write_text('prompt\n"' + "x" * 200_000 + '"\n', encoding="utf-8")
+    (p / "adir.txt").mkdir()
+
+    # offline data
+    o = root / "offline"
+    corrupt = _offline(o / "corrupt")
+    (corrupt / "img1.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png at all")
+    truncated = _offline(o / "truncated")
+    (truncated / "img0.png").write_bytes((truncated / "img0.png").read_bytes()[:60])
+    nocap = _offline(o / "nocaption")
+    (nocap / "img1.txt").unlink()
+    orphan = _offline(o / "orphan")
+    (orphan / "stray.txt").write_text("a caption whose image was renamed\n", encoding="utf-8")
+    shared = _offline(o / "shared")
+    _png(shared / "img0.jpg")
+    emptycap = _offline(o / "emptycap")
+    (emptycap / "img0.txt").write_text("  \n", encoding="utf-8")
+    bomb = _offline(o / "bomb")
+    (bomb / "img2.png").write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 2,
+                                                                                        0, 0, 0))
+                                    + _chunk(b"IDAT", zlib.compress(b"")) + _chunk(b"IEND", b""))
+    man = o / "manifest"
+    man.mkdir()
+    (man / "manifest.jsonl").write_text('{"image": "missing.png", "caption": "a red circle"}\n', encoding="utf-8")
+    (o / "notes.md").write_text("not data\n", encoding="utf-8")
+
+    # models
+    m = root / "models"
+    (m / "empty-model").mkdir(parents=True)
+    clip_text = m / "clip-text"
+    shutil.copytree(world / "generator" / "text_encoder", clip_text)
+    for f in (world / "generator" / "tokenizer").iterdir():
+        shutil.copy(f, clip_text / f.name)
+    trunc = m / "reward-truncated"
+    shutil.copytree(world / "reward", trunc)
+    (trunc / "model.safetensors").write_bytes((trunc / "model.safetensors").read_bytes()[:1000])
+    other = m / "other-world"
+    shutil.copytree(world / "generator", other / "generator")
+    wfile = other / "generator" / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights = load_file(str(wfile))
+    save_file({k: v + 0.01 for k, v in weights.items()}, str(wfile))
+    (m / "empty-world").mkdir()
+
+    # run directories that cannot be written
+    (root / "afile").write_text("a file, not a directory\n")
+    locked = root / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    yield root
+    locked.chmod(0o700)
+
+
+def _fingerprint(*roots: Path) -> dict:
+    """Every path under ``roots`` with its type, size, mtime and (for files under 1 MB) content hash."""
+    out = {}
+    for root in roots:
+        for p in sorted(root.rglob("*")):
+            st = p.lstat()
+            if p.is_dir():
+                out[str(p)] = ("dir", st.st_mode)
+            else:
+                digest = hashlib.sha256(p.read_bytes()).hexdigest() if st.st_size < 1 << 20 else None
+                out[str(p)] = ("file", st.st_size, st.st_mtime_ns, st.st_mode, digest)
+    return out
+
+
+@dataclass
+class Case:
+    id: str
+    args: list[str]
+    needles: list[str]  # the problem and the fix, each must appear in the error line
+    env: dict = field(default_factory=dict)
+    writable_check: bool = False  # skip when the "unwritable" directory is writable anyway (root)
+
+
+CASES = [
+    # ---------------------------------------------------------------------------------------------- config
+    Case("unknown-top-level-key", ["--set", "trian.steps=3"], ["'trian'", "allowed keys here"]),
+    Case("unknown-nested-key", ["--set", "train.stepz=3"], ["train.stepz", "allowed keys here: steps"]),
+    Case("unknown-key-in-yaml", ["--config", "{ws}/configs/unknown.yaml"], ["srpo.windw", "allowed keys here"]),
+    Case("wrong-type-int", ["--set", "train.steps=abc"], ["train.steps", "expected an integer"]),
+    Case("wrong-type-float-for-int", ["--set", "train.batch_size=1.5"], ["train.batch_size", "expected an integer"]),
+    Case("wrong-type-bool", ["--set", "run.progress=maybe"], ["run.progress", "expected true or false"]),
+    Case("wrong-type-list", ["--set", "srpo.window=5"], ["srpo.window", "expected a list"]),
+    Case("wrong-type-number", ["--set", "train.learning_rate=fast"], ["train.learning_rate", "expected a number"]),
+    Case("non-finite-number", ["--set", "srpo.shift=.inf"], ["srpo.shift", "expected a finite number"]),
+    Case("window-outside-schedule", ["--set", "srpo.window=[5, 60]"], ["srpo.window", "t1 <= srpo.schedule_steps"]),
+    Case("window-t0-ge-t1", ["--set", "srpo.window=[30, 10]"], ["srpo.window", "need 0 <= t0 < t1"]),
+    Case("window-at-pure-noise", ["--set", "srpo.window=[0, 10]"], ["srpo.window", "use t0 >= 1"]),
+    Case("negative-learning-rate", ["--set", "train.learning_rate=-1e-4"], ["train.learning_rate", "must be > 0"]),
+    Case("zero-steps", ["--set", "train.steps=0"], ["train.steps", "must be >= 1"]),
+    Case("ratio-out-of-range", ["--set", "srpo.groundtruth_ratio=1.5"], ["srpo.groundtruth_ratio", "in [0, 1)"]),
+    Case("negative-seed", ["--set", "train.seed=-1"], ["train.seed", "must be in [0, 2^63)"]),
+    Case("bad-choice", ["--set", "train.finetune=qlora"], ["train.finetune", "choose one of lora, full"]),
+    Case("malformed-set", ["--set", "train.steps"], ["--set", "expected key=value"]),
+    Case("config-missing", ["--config", "{ws}/configs/nope.yaml"], ["nope.yaml", "pass an existing YAML file"]),
+    Case("config-invalid-yaml", ["--config", "{ws}/configs/invalid.yaml"], ["not valid YAML", "fix its syntax"]),
+    Case("config-not-utf8", ["--config", "{ws}/configs/latin1.yaml"], ["not UTF-8", "save it as UTF-8"]),
+    Case("config-not-a-mapping", ["--config", "{ws}/configs/list.yaml"], ["list.yaml", "must hold a mapping"]),
+    # ---------------------------------------------------------------------------------------------- model
+    Case("resolution-not-multiple", ["--set", "model.height=34"], ["model.height=34", "use 32"]),
+    Case("model-dir-missing", ["--set", "model.path={ws}/models/no-such-model"], ["no-such-model", "model.path"]),
+    Case("model-dir-empty", ["--set", "model.path={ws}/models/empty-model"], ["empty-model", "model_index.json"]),
+    Case("model-dir-is-a-reward", ["--set", "model.path={world}/reward"], ["reward", "model_index.json"]),
+    Case("model-not-cached-offline", ["--set", "model.path=nobody/no-such-model"],
+         ["nobody/no-such-model", "model.path"]),
+    Case("world-weights-missing", [], ["weights are missing", "rebuild them"],
+         env={"DIRECTALIGN_WORLD_DIR": "{ws}/models/empty-world"}),
+    Case("device-without-cuda", ["--set", "model.device=cuda"], ["model.device", "use model.device=cpu"]),
+    # ---------------------------------------------------------------------------------------------- reward
+    Case("reward-is-the-generator", ["--set", "reward.kind=clip", "--set", "reward.path={world}/generator"],
+         ["generator", "reward.path"]),
+    Case("reward-wrong-architecture", ["--set", "reward.kind=clip", "--set", "reward.path={ws}/models/clip-text"],
+         ["clip-text", "CLIP"]),
+    Case("reward-missing", ["--set", "reward.kind=clip", "--set", "reward.path={ws}/models/no-reward"],
+         ["no-reward", "reward.path"]),
+    Case("reward-truncated-weights", ["--set", "reward.kind=clip",
+                                      "--set", "reward.path={ws}/models/reward-truncated"],
+         ["reward-truncated", "reward.path"]),
+    # ---------------------------------------------------------------------------------------------- prompts
+    Case("prompts-empty", ["--set", "train.prompts={ws}/prompts/empty.txt"], ["empty.txt", "one prompt per line"]),
+    Case("prompts-not-utf8", ["--set", "train.prompts={ws}/prompts/latin1.txt"], ["latin1.txt", "re-save it as UTF-8"]),
+    Case("prompts-file-oversized", ["--set", "train.prompts={ws}/prompts/huge.txt"], ["huge.txt", "split it"]),
+    Case("prompt-too-long", ["--set", "train.prompts={ws}/prompts/longline.txt"], ["longline.txt", "shorten it"]),
+    Case("prompts-missing", ["--set", "eval.prompts={ws}/prompts/gone.txt"], ["gone.txt", "give a .txt"]),
+    Case("prompts-is-a-directory", ["--set", "train.prompts={ws}/prompts/adir.txt"], ["is a directory", "give a"]),
+    Case("prompts-bad-jsonl", ["--set", "train.prompts={ws}/prompts/bad.jsonl"], ["bad.jsonl:2", "each line needs"]),
+    Case("prompts-csv-no-column", ["--set", "train.prompts={ws}/prompts/nocol.csv"], ["nocol.csv", "'prompt' column"]),
+    Case("prompts-csv-oversized-field", ["--set", "train.prompts={ws}/prompts/hugefield.csv"],
+         ["hugefield.csv", "save it as plain"]),
+    Case("prompts-unknown-category", ["--set", "eval.prompts=general:nope"], ["'nope'", "use general:all"]),
+    # ---------------------------------------------------------------------------------------------- offline data
+    Case("offline-corrupt-image", ["--set", "srpo.offline_data={ws}/offline/corrupt"], ["img1.png", "replace or remove"]),
+    Case("offline-truncated-image", ["--set", "srpo.offline_data={ws}/offline/truncated"],
+         ["img0.png", "corrupt or truncated"]),
+    Case("offline-missing-caption", ["--set", "srpo.offline_data={ws}/offline/nocaption"],
+         ["img1.txt", "add one or remove the image"]),
+    Case("offline-orphan-caption", ["--set", "srpo.offline_data={ws}/offline/orphan"],
+         ["stray.txt", "add the image or remove the caption"]),
+    Case("offline-two-images-one-caption", ["--set", "srpo.offline_data={ws}/offline/shared"],
+         ["img0.txt", "rename one"]),
+    Case("offline-empty-caption", ["--set", "srpo.offline_data={ws}/offline/emptycap"], ["img0.txt", "is empty"]),
+    Case("offline-decompression-bomb", ["--set", "srpo.offline_data={ws}/offline/bomb"], ["img2.png", "downscale"]),
+    Case("offline-manifest-missing-image", ["--set", "srpo.offline_data={ws}/offline/manifest/manifest.jsonl"],
+         ["missing.png", "does not exist"]),
+    Case("offline-not-a-dataset", ["--set", "srpo.offline_data={ws}/offline/notes.md"],
+         ["notes.md", "neither a folder of images nor a .jsonl manifest"]),
+    # ---------------------------------------------------------------------------------------------- run dir
+    Case("existing-run-dir", ["--set", "run.output_dir={ws}/run"], ["already exists", "pass --resume"]),
+    Case("resume-and-overwrite", ["--set", "run.output_dir={ws}/run", "--resume", "--overwrite"],
+         ["--resume and --overwrite", "pass --resume"]),
+    Case("output-dir-is-a-file", ["--set", "run.output_dir={ws}/afile"], ["is a file", "choose a directory"]),
+    Case("output-dir-under-a-file", ["--set", "run.output_dir={ws}/afile/run"],
+         ["cannot write to run directory", "choose a writable"]),
+    Case("output-dir-unwritable", ["--set", "run.output_dir={ws}/locked/run"],
+         ["cannot write to run directory", "choose a writable"], writable_check=True),
+    Case("resume-without-run-dir", ["--set", "run.output_dir={ws}/nothing-here", "--resume"],
+         ["does not exist", "start without --resume"]),
+    # ---------------------------------------------------------------------------------------------- resume
+    Case("resume-different-config", ["--set", "run.output_dir={ws}/run", "--set", "train.learning_rate=2e-3",
+                                     "--resume"], ["different config", "resume with the run's own config"]),
+    Case("resume-different-model", ["--set", "run.output_dir={ws}/run", "--set",
+                                    "model.path={ws}/models/other-world/generator", "--resume"],
+         ["different model", "start a new run"]),
+    Case("resume-corrupt-checkpoint", ["--set", "run.output_dir={ws}/run-corrupt", "--resume"],
+         ["unreadable", "delete it"]),
+    Case("resume-no-checkpoint", ["--set", "run.output_dir={ws}/run-nockpt", "--resume"],
+         ["no complete checkpoint", "start without --resume"]),
+]
+
+
+def test_there_are_enough_cases():
+    assert len(CASES) >= 30
+    assert len({c.id for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case, ws, random_world_dir, monkeypatch, capsys):
+    fill = {"ws": str(ws), "world": str(random_world_dir)}
+    if case.writable_check and os.access(ws / "locked", os.W_OK):
+        pytest.skip("running as a user who can write a 0o500 directory (root)")
+    if case.id == "device-without-cuda" and torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    monkeypatch.setenv("DIRECTALIGN_WORLD_DIR", str(random_world_dir))
+    for k, v in case.env.items():
+        monkeypatch.setenv(k, v.format(**fill))
+    argv = ["train", *_sets(FAST + [f"run.output_dir={ws / 'new-run'}"])] + [a.format(**fill) for a in case.args]
+    before = _fingerprint(ws, random_world_dir)
+    try:
+        code = main(argv)
+    finally:
+        created = (ws / "new-run").exists()
+        shutil.rmtree(ws / "new-run", ignore_errors=True)  # so that one failure does not fail the cases after it
+    out, err = capsys.readouterr()
+    assert code == 2, (code, out, err)
+    assert "Traceback" not in out and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
+    line = lines[0]
+    assert line.startswith("directalign: error: "), line
+    for needle in case.needles:
+        assert needle in line, f"{needle!r} not in {line!r}"
+    assert not created, "the new run directory was created"
+    assert _fingerprint(ws, random_world_dir) == before, "an existing file or directory changed"
