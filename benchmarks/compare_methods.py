@@ -255,7 +255,7 @@ def aggregate(runs: list[dict]) -> dict:
 def fmt(ms: tuple, digits: int = 4) -> str:
     """``mean ± std`` (std only over two or more seeds); large numbers without decimals."""
     m, s = ms
-    if m is None:
+    if m is None or not math.isfinite(m):
         return "-"
     if abs(m) >= 1000:
         return f"{m:,.0f}" + (f" ± {s:,.0f}" if s is not None else "")

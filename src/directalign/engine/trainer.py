@@ -190,7 +190,9 @@ def apply_finetune_mode(cfg: Config, adapter) -> list[torch.nn.Parameter]:
     if t.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     if t.vae_checkpointing:
-        adapter.vae.enable_gradient_checkpointing()
+        # some VAEs (Qwen-Image's) do not support diffusers' flag; their adapter provides its own
+        enable = getattr(adapter, "enable_vae_checkpointing", adapter.vae.enable_gradient_checkpointing)
+        enable()
     transformer.train()
     return [p for p in transformer.parameters() if p.requires_grad]
 
@@ -336,6 +338,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, max_steps_
     reward = load_reward(cfg, device)
     if info.is_main:
         run_dir = prepare_run_dir(cfg, resume, overwrite)
+        if hasattr(reward, "describe"):  # a weighted sum states its normalisation once, in the log
+            log(reward.describe())
     dist_utils.barrier(info)
     run_dir = Path(cfg.run.output_dir)
     if offline is not None and info.is_main:
@@ -488,6 +492,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, max_steps_
                 "skipped": not finite, **nfe,
                 **{f"{r.name}_reward": r.reward for r in results},
                 **{f"{r.name}_sigma": r.sigma_query for r in results},
+                # per-term means of a weighted-sum reward from its last scoring call, never hidden in the total
+                **{f"reward_term_{k}": v for k, v in getattr(reward, "last_components", {}).items()},
             }
             if metrics is not None and (step % cfg.run.log_every == 0 or step == end or not finite):
                 metrics.write(record)

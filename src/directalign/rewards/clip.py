@@ -15,9 +15,7 @@ import torch.nn.functional as F
 
 from .base import Reward
 
-# OpenAI CLIP's image normalisation, used by CLIP, PickScore, HPSv2 and the tiny world's reward.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from .preprocess import CLIP_MEAN, CLIP_STD, published_preprocess  # noqa: F401  (re-exported)
 
 
 def projected_features(output):
@@ -32,40 +30,9 @@ def projected_features(output):
 
 
 def clip_preprocess(images: torch.Tensor, size: int, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
-    """Differentiable CLIP preprocessing of (B, 3, H, W) images in [0, 1] -> normalised (B, 3, size, size)."""
-    h, w = images.shape[-2:]
-    if (h, w) != (size, size):
-        scale = size / min(h, w)
-        nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-        images = F.interpolate(images, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
-        top, left = (nh - size) // 2, (nw - size) // 2
-        images = images[..., top : top + size, left : left + size]
-    m = torch.tensor(mean, device=images.device, dtype=images.dtype)[None, :, None, None]
-    s = torch.tensor(std, device=images.device, dtype=images.dtype)[None, :, None, None]
-    return (images - m) / s
-
-
-def check_clip_dir(path: str | Path) -> None:
-    """For a local path: it exists and its config.json declares a CLIP model (cheap, before any weights load)."""
-    import json
-
-    text = str(path)
-    p = Path(text).expanduser()
-    if not (text.startswith((".", "/", "~")) or p.exists()):
-        return  # a hub id: checked after loading
-    if not p.is_dir():
-        raise ValueError(f"{text} does not exist or is not a directory; give a transformers CLIPModel directory")
-    config = p / "config.json"
-    if not config.is_file():
-        raise ValueError(f"{text} has no config.json, so it is not a transformers model directory; give a "
-                         "CLIPModel directory (saved with save_pretrained)")
-    try:
-        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
-    except (ValueError, UnicodeDecodeError, AttributeError):
-        raise ValueError(f"{config} is not a valid JSON config; give a CLIPModel directory") from None
-    if model_type != "clip":
-        raise ValueError(f"{text} holds a {model_type or 'non-transformers'} model, not a CLIP model (config.json "
-                         "model_type must be 'clip'); point it at a CLIPModel checkpoint")
+    """Differentiable CLIP preprocessing of (B, 3, H, W) images in [0, 1] -> normalised (B, 3, size, size):
+    shortest side to ``size`` (bicubic), centre crop, normalise, as CLIPImageProcessor does."""
+    return published_preprocess(images, size, "floor", mean, std)
 
 
 class CLIPReward(Reward):
