@@ -80,6 +80,13 @@ def run_config(method: str, seed: int, steps: int, run_dir: Path, eval_seeds: li
     return build_config(load_yaml(config_file(method)), fixed + list(overrides))
 
 
+def config_steps(method: str, overrides: list[str]) -> int:
+    """``train.steps`` of the method's shipped config (with the --set overrides): the cap on planned steps."""
+    from directalign.engine.config import build_config, load_yaml
+
+    return build_config(load_yaml(config_file(method)), list(overrides)).train.steps
+
+
 def eval_points(steps: int, n: int) -> list[int]:
     """``n`` evaluation steps spread over 1..steps, always ending at ``steps``."""
     return sorted({max(1, round(steps * i / n)) for i in range(1, n + 1)} | {steps})
@@ -161,6 +168,12 @@ def worker_run(spec: dict) -> dict:
     t0 = time.time()
     run_dir = Path(spec["run_dir"])
     cfg = run_config(spec["method"], spec["seed"], spec["steps"], run_dir, spec["eval_seeds"], spec["overrides"])
+    if cfg.train.lr_schedule == "constant" and cfg.train.ema_decay == 0:
+        # Every session is then a partial one (the schedule does not depend on train.steps and no EMA is swapped
+        # in at the end), so the engine's own final evaluation and export, which this script would repeat, are
+        # skipped; the trained weights are the same.
+        cfg = run_config(spec["method"], spec["seed"], spec["steps"] + 1, run_dir, spec["eval_seeds"],
+                         spec["overrides"])
     prompts = load_prompts(cfg.eval.prompts)
     reward = load_reward(cfg, resolve_device(cfg.model.device))
     points, prev = [], 0
@@ -199,7 +212,10 @@ def call_worker(kind: str, spec: dict, in_process: bool, log_dir: Path) -> dict:
     if proc.returncode != 0 or not out_path.is_file():
         tail = (log_dir / f"{name}.log").read_text()[-3000:]
         raise RuntimeError(f"worker {name} failed (exit {proc.returncode}); log tail:\n{tail}")
-    return json.loads(out_path.read_text())
+    result = json.loads(out_path.read_text())
+    spec_path.unlink()
+    out_path.unlink()  # everything it held goes into results.json; the log stays
+    return result
 
 
 # ------------------------------------------------------------------------------------------------- planning
@@ -284,8 +300,10 @@ def markdown(report: dict) -> str:
         f"{report['machine']['torch']} ({report['machine']['threads']} threads), device {report['machine']['device']}.",
         f"Started {report['started']}, total wall clock {report['total_seconds'] / 60:.1f} min "
         f"(budget {report['budget_minutes']} min).", "",
-        f"Training budget per run: {report['per_run_train_seconds']:.0f} s of optimizer steps "
-        "(equal for every method unless --steps fixed the steps); evaluation on the tiny world's 24 held-out "
+        (f"Training budget per run: {report['per_run_train_seconds']:.0f} s of optimizer steps, equal for every "
+         "method (steps = budget / the method's measured seconds per step, capped at its config's train.steps)"
+         if report["calibration"] else "Steps fixed by --steps (no time budget)")
+        + "; evaluation on the tiny world's 24 held-out "
         f"prompts x seeds {report['eval_seeds']} ({report['base']['n_images']} images), "
         f"{report['eval_points']} evaluation points per run; training seeds {report['train_seeds']}.", "",
         "| Method | Steps | Held-out reward | Relative (textured - flat) | Own objective | Fidelity | Textured | "
@@ -299,7 +317,8 @@ def markdown(report: dict) -> str:
         lines.append(f"| {LABELS[m]} | {agg['steps']} | " + " | ".join(fmt(agg[k]) for k in METRIC_KEYS) + " | "
                      + " | ".join(fmt(agg[k], 1) for k in ("nfe_no_grad", "nfe_grad", "train_seconds"))
                      + f" | {fmt(agg['peak_memory_mb'], 0)} |")
-    lines += ["", "![held-out reward against NFE](reward_vs_nfe.svg)", "", "## Drift warnings (against the base model)", ""]
+    lines += ["", "![held-out reward against NFE](reward_vs_nfe.svg)", "",
+              "## Drift warnings (against the base model)", ""]
     base_ind = {k: base.get(k) for k in M.DRIFT_THRESHOLDS}
     any_warning = False
     for m, agg in report["aggregates"].items():
@@ -505,12 +524,11 @@ def main(argv=None, log=print) -> dict | None:
                 calib[m] = call_worker("calibrate", dict(common, method=m), args.in_process, log_dir)
                 log(f"calibration {LABELS[m]}: {calib[m]['seconds_per_step']:.2f} s/step")
         runs_n = len(methods) * args.seeds
-        n_evals = len(eval_points(10**6, args.eval_points)) + 1  # + the engine's own final evaluation
+        n_evals = len(eval_points(10**6, args.eval_points))
         overhead = startup + n_evals * base["eval_seconds"]
         elapsed = time.time() - t_start
         per_run = (args.budget_minutes * 60 - elapsed) / runs_n - overhead
-        max_steps = {m: args.max_steps or run_config(m, 42, 2, workdir / "check", eval_seeds,
-                                                     args.set).train.steps for m in methods}
+        max_steps = {m: args.max_steps or config_steps(m, args.set) for m in methods}
         if per_run <= 0 and len(fixed) < len(methods):
             raise SystemExit(f"--budget-minutes {args.budget_minutes} leaves no training time: evaluations and "
                              f"start-up take ~{overhead:.0f} s per run x {runs_n} runs; raise the budget or lower "
@@ -555,8 +573,8 @@ def main(argv=None, log=print) -> dict | None:
     series = {LABELS[m]: [(c["nfe"], c["reward"]) for c in aggregates[m]["curve"]] for m in methods}
     (out / "reward_vs_nfe.svg").write_text(svg_plot(series, base["point"]["reward"],
                                                     "Held-out reward vs model evaluations (tiny world)",
-                                                    "model evaluations per process (NFE, with + without gradient, "
-                                                    "log scale)", "held-out reward (absolute)"))
+                                                    "transformer evaluations per sample row, with + without "
+                                                    "gradient (NFE, log scale)", "held-out reward (absolute)"))
     png = write_png(series, base["point"]["reward"], out / "reward_vs_nfe.png")
     log(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'reward_vs_nfe.svg'}"
         + (f", {out / 'reward_vs_nfe.png'}" if png else " (matplotlib not installed: no PNG)"))

@@ -156,6 +156,22 @@ def test_grpo_is_on_policy_and_its_rollout_log_probs_recompute(random_world):
     assert results[0].max_ratio_deviation < 1e-5
 
 
+@pytest.mark.parametrize("kl", [0.0, 0.5])
+def test_grpo_micro_batches_accumulate_the_same_gradient(random_world, kl):
+    def grads(micro):
+        cfg, adapter, reward, m, params = _setup("grpo", [f"grpo.micro_batch={micro}", "grpo.group_size=3",
+                                                          f"grpo.kl_beta={kl}"])
+        r = m.accumulate_gradients(0, PROMPTS, torch.Generator().manual_seed(6), random.Random(6))
+        return r[0], [p.grad.clone() for p in params]
+
+    r_all, g_all = grads(0)
+    r_one, g_one = grads(2)  # 6 samples in chunks of 2
+    assert r_one.loss == pytest.approx(r_all.loss, rel=1e-4, abs=1e-6)  # on-policy: sum(-A) ~ 0
+    assert r_one.kl == pytest.approx(r_all.kl, rel=1e-4, abs=1e-12)
+    for a, b in zip(g_all, g_one):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-8)
+
+
 def test_grpo_separate_noise_per_sample(random_world):
     cfg, adapter, reward, m, _ = _setup("grpo", ["grpo.same_initial_noise=false", "grpo.group_size=3"],
                                         finetune=False)

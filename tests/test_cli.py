@@ -110,7 +110,7 @@ def test_print_config_round_trips(capsys):
                             "reward.positive_words=[Real, Detail]"])
     assert cfg == expected
     assert cfg.train.steps == 7 and cfg.srpo.window == [10, 25] and cfg.train.learning_rate == 1e-4
-    assert set(data) == {"method", "model", "reward", "srpo", "train", "eval", "run"}
+    assert set(data) == {"method", "model", "reward", "srpo", "refl", "draft", "alignprop", "grpo", "train", "eval", "run"}
 
 
 def test_print_config_of_a_file(capsys, tmp_path):

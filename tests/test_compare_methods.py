@@ -63,14 +63,20 @@ def test_compare_methods_end_to_end(random_world, tmp_path):
 def test_compare_methods_plans_from_the_budget_in_worker_processes(random_world, tmp_path):
     mod = _load()
     out = tmp_path / "out"
-    args = ["--seeds", "1", "--methods", "refl", "--plan-only", "--budget-minutes", "5", "--eval-seeds", "0",
-            "--out", str(out)]
+    args = ["--seeds", "1", "--methods", "refl", "--plan-only", "--eval-seeds", "0", "--out", str(out)]
     for s in TINY:
         args += ["--set", s]
-    plan = mod.main(args, log=lambda *a: None)
-    assert plan["steps"]["refl"] >= 2 and plan["calibration"]["refl"]["seconds_per_step"] > 0
-    assert plan["estimate_minutes"] is not None
+    plan = mod.main(args + ["--budget-minutes", "5"], log=lambda *a: None)
+    sps = plan["calibration"]["refl"]["seconds_per_step"]
+    assert 0 < sps < 10
+    assert plan["steps"]["refl"] == 150  # 5 minutes of tiny steps exceed the config's train.steps cap
+    assert 0 < plan["estimate_minutes"] <= 5
     assert (out / "logs" / "calibrate-refl.log").exists()  # it ran in its own process
+    # the cap and the budget arithmetic, in process
+    plan = mod.main(args + ["--budget-minutes", "5", "--max-steps", "7", "--in-process"], log=lambda *a: None)
+    assert plan["steps"]["refl"] == 7
+    with pytest.raises(SystemExit, match="no training time"):
+        mod.main(args + ["--budget-minutes", "0.01", "--in-process"], log=lambda *a: None)
 
 
 def test_parse_steps_and_eval_points():

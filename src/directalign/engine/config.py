@@ -494,8 +494,8 @@ def _validate_baselines(cfg: Config, need) -> None:
     """The baseline methods' sections (checked whatever the method, so a config stays valid when it switches)."""
     r, d, a, g = cfg.refl, cfg.draft, cfg.alignprop, cfg.grpo
     need(r.rollout_steps >= 1, f"refl.rollout_steps: must be >= 1, got {r.rollout_steps}")
-    need(len(r.step_range) == 2 and 1 <= r.step_range[0] <= r.step_range[1] < r.rollout_steps,
-         f"refl.step_range: need [lo, hi] with 1 <= lo <= hi < refl.rollout_steps ({r.rollout_steps}), got "
+    need(len(r.step_range) == 2 and 0 <= r.step_range[0] <= r.step_range[1] < r.rollout_steps,
+         f"refl.step_range: need [lo, hi] with 0 <= lo <= hi < refl.rollout_steps ({r.rollout_steps}), got "
          f"{r.step_range}")
     need(r.loss_scale > 0, f"refl.loss_scale: must be > 0, got {r.loss_scale}")
     need(d.sampling_steps >= 1, f"draft.sampling_steps: must be >= 1, got {d.sampling_steps}")

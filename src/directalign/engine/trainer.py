@@ -269,7 +269,9 @@ class _StopFlag:
         return {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
 
 
-def prepare_run_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
+def check_run_dir(cfg: Config, resume: bool, overwrite: bool) -> bool:
+    """Refuse a run-directory situation the flags do not allow, without touching anything; returns whether the
+    directory exists with content. Called before any model loads so a clash costs no loading time."""
     run_dir = Path(cfg.run.output_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise TrainingError(f"run.output_dir {str(run_dir)!r} is a file; choose a directory path")
@@ -277,14 +279,20 @@ def prepare_run_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
     if resume and overwrite:
         raise TrainingError("--resume and --overwrite contradict each other; pass --resume to continue the run in "
                             f"{str(run_dir)!r} or --overwrite to replace it")
-    if resume:
-        if not exists:
-            raise TrainingError(f"--resume: run directory {str(run_dir)!r} does not exist or is empty; "
-                                "start without --resume")
-        return run_dir
-    if exists and not overwrite:
+    if resume and not exists:
+        raise TrainingError(f"--resume: run directory {str(run_dir)!r} does not exist or is empty; "
+                            "start without --resume")
+    if exists and not overwrite and not resume:
         raise TrainingError(f"run directory {str(run_dir)!r} already exists; pass --resume to continue it, "
                             "--overwrite to replace it, or set run.output_dir")
+    return exists
+
+
+def prepare_run_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
+    run_dir = Path(cfg.run.output_dir)
+    exists = check_run_dir(cfg, resume, overwrite)
+    if resume:
+        return run_dir
     try:
         if exists:
             shutil.rmtree(run_dir)
@@ -300,12 +308,14 @@ def prepare_run_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
 
 def identity(cfg: Config, adapter) -> dict:
     """What a checkpoint must match to be resumed: the model and every setting that changes the trajectory."""
-    d = cfg.to_dict()
-    d["run"] = {}  # logging, checkpoint cadence and output paths may change across a resume
-    d["train"] = {k: v for k, v in d["train"].items() if k != "steps"}  # a resumed run may be extended
-    d["eval"] = {}
-    # where the model lives and which device runs it do not change the trajectory; the model digest covers weights
-    d["model"] = {k: v for k, v in d["model"].items() if k not in ("path", "device")}
+    from .config import diff_from_defaults
+
+    # Only settings that differ from the defaults count, so a new config field (with a default that keeps the old
+    # behaviour) does not orphan older runs. Logging, checkpoint cadence, output paths, evaluation, the step budget,
+    # where the model lives and which device runs it do not change the trajectory; the model digest covers weights.
+    ignored = ("run.", "eval.")
+    ignored_keys = {"train.steps", "model.path", "model.device"}
+    d = {k: v for k, v in diff_from_defaults(cfg).items() if not k.startswith(ignored) and k not in ignored_keys}
     return {"model": ckpt.fingerprint(adapter.identity()), "config": ckpt.fingerprint(d)}
 
 
@@ -317,6 +327,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, max_steps_
     from ..prompts import load_prompts
 
     # Everything a user can get wrong is checked before the run directory is touched.
+    check_run_dir(cfg, resume, overwrite)
     train_prompts = load_prompts(cfg.train.prompts)
     eval_prompts = load_prompts(cfg.eval.prompts)
     offline = None
@@ -407,7 +418,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, max_steps_
     offline_sampler = (PromptSampler(list(range(len(offline))), t.batch_size, t.seed, True, rank, world)
                        if offline else None)
     offline_until = cfg.srpo.offline_until_step
-    metrics = MetricsLogger(run_dir, tensorboard=cfg.run.tensorboard, append=resume) if info.is_main else None
+    metrics = MetricsLogger(run_dir, tensorboard=cfg.run.tensorboard, append=resume,
+                            resume_step=start_step) if info.is_main else None
     stop = _StopFlag()
     previous = stop.install()
     nfe = method.nfe(t.batch_size)
