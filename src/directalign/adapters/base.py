@@ -47,3 +47,62 @@ class PromptEmbeds:
 
     def to(self, *args, **kwargs) -> "PromptEmbeds":
         return PromptEmbeds(self.tokens.to(*args, **kwargs), self.pooled.to(*args, **kwargs))
+
+
+class PipelineAdapter:
+    """What every diffusers-pipeline adapter shares: loading, frozen non-trainable parts, component accessors and
+    the resume identity. Subclasses set ``family``, ``pipeline_class`` (a diffusers pipeline class name) and
+    ``lora_target_modules``, and implement the text, latent and decode calls."""
+
+    family = ""
+    pipeline_class = ""
+    lora_target_modules: tuple[str, ...] = ()
+    has_guidance_embedding = False
+
+    def _attach(self, pipe, frozen: tuple[str, ...]) -> None:
+        self.pipe = pipe
+        pipe.set_progress_bar_config(disable=True)
+        for name in frozen:
+            module = getattr(pipe, name, None)
+            if module is not None:
+                module.requires_grad_(False).eval()
+
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                        max_sequence_length: int | None = None, **kwargs):
+        import diffusers
+
+        from ..compat import dtype_kwargs
+
+        pipeline = getattr(diffusers, cls.pipeline_class)
+        pipe = pipeline.from_pretrained(path, **dtype_kwargs(dtype), **kwargs).to(device)
+        return cls(pipe, max_sequence_length)
+
+    @property
+    def transformer(self):
+        return self.pipe.transformer
+
+    @property
+    def vae(self):
+        return self.pipe.vae
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.transformer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipe.transformer.dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.pipe.vae_scale_factor
+
+    @property
+    def resolution_multiple(self) -> int:
+        """Height and width must be multiples of this (VAE factor x 2x2 patches)."""
+        return self.vae_scale_factor * 2
+
+    def identity(self) -> dict:
+        """What makes checkpoints belong to this model (see :func:`model_identity`)."""
+        return model_identity(self.family, self.transformer, max_sequence_length=self.max_sequence_length)

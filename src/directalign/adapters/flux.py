@@ -8,15 +8,14 @@ The guidance embedding is used when the transformer has one (FLUX.1-dev); otherw
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from .base import PromptEmbeds, model_identity
+from .base import PipelineAdapter, PromptEmbeds
 
 
-class FluxAdapter:
+class FluxAdapter(PipelineAdapter):
     family = "flux"
+    pipeline_class = "FluxPipeline"
     # Attention and feed-forward projections of both block kinds; the usual FLUX LoRA targets.
     lora_target_modules = (
         "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
@@ -24,56 +23,13 @@ class FluxAdapter:
     )
 
     def __init__(self, pipe, max_sequence_length: int | None = None):
-        self.pipe = pipe
-        pipe.set_progress_bar_config(disable=True)
+        self._attach(pipe, ("vae", "text_encoder", "text_encoder_2"))
         self.max_sequence_length = max_sequence_length or min(512, pipe.tokenizer_2.model_max_length)
         self._cache: dict[str, PromptEmbeds] = {}
-        for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
-            module.requires_grad_(False).eval()
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                        max_sequence_length: int | None = None, **kwargs) -> "FluxAdapter":
-        from diffusers import FluxPipeline
-
-        from ..compat import dtype_kwargs
-
-        pipe = FluxPipeline.from_pretrained(path, **dtype_kwargs(dtype), **kwargs).to(device)
-        return cls(pipe, max_sequence_length)
-
-    # --------------------------------------------------------------------------------------------- components
-    @property
-    def transformer(self):
-        return self.pipe.transformer
-
-    @property
-    def vae(self):
-        return self.pipe.vae
-
-    @property
-    def device(self) -> torch.device:
-        return self.pipe.transformer.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.pipe.transformer.dtype
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return self.pipe.vae_scale_factor
-
-    @property
-    def resolution_multiple(self) -> int:
-        """Height and width must be multiples of this (VAE factor x 2x2 packing)."""
-        return self.vae_scale_factor * 2
 
     @property
     def has_guidance_embedding(self) -> bool:
         return bool(self.transformer.config.guidance_embeds)
-
-    def identity(self) -> dict:
-        """What makes checkpoints belong to this model (see :func:`directalign.adapters.base.model_identity`)."""
-        return model_identity(self.family, self.transformer, max_sequence_length=self.max_sequence_length)
 
     # ---------------------------------------------------------------------------------------------- text
     @torch.no_grad()

@@ -20,11 +20,10 @@ postprocessing does; the official code min-max normalises each image instead.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from .base import model_identity
+from .base import PipelineAdapter
 
 
 @dataclass
@@ -56,64 +55,20 @@ class MaskedPromptEmbeds:
         return MaskedPromptEmbeds(tokens, self.mask.to(tokens.device))
 
 
-class QwenImageAdapter:
+class QwenImageAdapter(PipelineAdapter):
     family = "qwen-image"
+    pipeline_class = "QwenImagePipeline"
     # Joint attention and both streams' feed-forward layers of every QwenImageTransformerBlock.
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
                            "to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj",
                            "txt_mlp.net.2")
-    has_guidance_embedding = False
 
     def __init__(self, pipe, max_sequence_length: int | None = None, negative_prompt: str = " "):
-        self.pipe = pipe
-        pipe.set_progress_bar_config(disable=True)
+        self._attach(pipe, ("vae", "text_encoder"))
         self.max_sequence_length = max_sequence_length or 512  # QwenImagePipeline.__call__'s default
         self.negative_prompt = negative_prompt
         self._cache: dict[str, MaskedPromptEmbeds] = {}
         self.decode_checkpointing = False
-        for name in ("vae", "text_encoder"):
-            module = getattr(pipe, name, None)
-            if module is not None:
-                module.requires_grad_(False).eval()
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                        max_sequence_length: int | None = None, **kwargs) -> "QwenImageAdapter":
-        from diffusers import QwenImagePipeline
-
-        from ..compat import dtype_kwargs
-
-        pipe = QwenImagePipeline.from_pretrained(path, **dtype_kwargs(dtype), **kwargs).to(device)
-        return cls(pipe, max_sequence_length)
-
-    # --------------------------------------------------------------------------------------------- components
-    @property
-    def transformer(self):
-        return self.pipe.transformer
-
-    @property
-    def vae(self):
-        return self.pipe.vae
-
-    @property
-    def device(self) -> torch.device:
-        return self.pipe.transformer.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.pipe.transformer.dtype
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return self.pipe.vae_scale_factor
-
-    @property
-    def resolution_multiple(self) -> int:
-        """Height and width must be multiples of this (VAE factor x 2x2 packing)."""
-        return self.vae_scale_factor * 2
-
-    def identity(self) -> dict:
-        return model_identity(self.family, self.transformer, max_sequence_length=self.max_sequence_length)
 
     # ---------------------------------------------------------------------------------------------- text
     def set_prompt_embeds(self, embeds: dict[str, torch.Tensor]) -> None:

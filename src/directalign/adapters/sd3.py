@@ -13,67 +13,26 @@ Tested on a tiny random SD3.5-medium-shaped pipeline in ``tests/test_adapters_sd
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from .base import PromptEmbeds, model_identity
+from .base import PipelineAdapter, PromptEmbeds
 
 
-class SD3Adapter:
+class SD3Adapter(PipelineAdapter):
     family = "sd3"
+    pipeline_class = "StableDiffusion3Pipeline"
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
                            "to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
 
     def __init__(self, pipe, max_sequence_length: int | None = None, negative_prompt: str = ""):
-        self.pipe = pipe
-        pipe.set_progress_bar_config(disable=True)
+        self._attach(pipe, ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"))
         self.max_sequence_length = max_sequence_length or 256  # StableDiffusion3Pipeline.__call__'s default
         self.negative_prompt = negative_prompt  # the pipeline's default negative prompt for true CFG
         self._cache: dict[str, PromptEmbeds] = {}
-        for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
-            module = getattr(pipe, name, None)
-            if module is not None:
-                module.requires_grad_(False).eval()
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                        max_sequence_length: int | None = None, **kwargs) -> "SD3Adapter":
-        from diffusers import StableDiffusion3Pipeline
-
-        from ..compat import dtype_kwargs
-
-        pipe = StableDiffusion3Pipeline.from_pretrained(path, **dtype_kwargs(dtype), **kwargs).to(device)
-        return cls(pipe, max_sequence_length)
-
-    @property
-    def transformer(self):
-        return self.pipe.transformer
-
-    @property
-    def vae(self):
-        return self.pipe.vae
-
-    @property
-    def device(self) -> torch.device:
-        return self.pipe.transformer.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.pipe.transformer.dtype
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return self.pipe.vae_scale_factor
 
     @property
     def resolution_multiple(self) -> int:
         return self.vae_scale_factor * self.transformer.config.patch_size
-
-    has_guidance_embedding = False
-
-    def identity(self) -> dict:
-        return model_identity(self.family, self.transformer, max_sequence_length=self.max_sequence_length)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
