@@ -178,9 +178,9 @@ def train_prompts() -> list[str]:
 
 # --------------------------------------------------------------------------------------------------- sampling
 def sample_examples(n: int, seed: int, split: str = "train") -> list[Example]:
-    """Draw ``n`` examples deterministically from ``split`` ("train" or "heldout")."""
+    """Draw ``n`` examples deterministically from ``split`` ("train", "heldout" or "all")."""
     train, heldout = split_triples()
-    triples = {"train": train, "heldout": heldout}[split]
+    triples = {"train": train, "heldout": heldout, "all": train + heldout}[split]
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 # Sampling settings the quality gates are measured at (docs/tiny-world.md).
 DEFAULT_STEPS = 16
-DEFAULT_GUIDANCE = 3.5
+DEFAULT_GUIDANCE = 5.0
 
 
 def world_dir() -> Path:
