@@ -267,7 +267,7 @@ def test_shipped_configs_load_and_validate(path):
 
 def test_tiny_config_settings():
     cfg = load_config(Path(str(resources.files("directalign"))) / "configs" / "tiny-srpo.yaml")
-    assert cfg.train.learning_rate == 1e-3 and cfg.srpo.window == [5, 30] and cfg.train.finetune == "lora"
+    assert cfg.train.learning_rate == 3e-5 and cfg.srpo.window == [5, 30] and cfg.train.finetune == "lora"
 
 
 # --------------------------------------------------------------------------------------------------- properties
