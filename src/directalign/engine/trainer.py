@@ -348,7 +348,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, max_steps_
                                 f"packing); use {max(1, value // multiple) * multiple}")
     reward = load_reward(cfg, device)
     if info.is_main:
-        run_dir = prepare_run_dir(cfg, resume, overwrite)
+        prepare_run_dir(cfg, resume, overwrite)
         if hasattr(reward, "describe"):  # a weighted sum states its normalisation once, in the log
             log(reward.describe())
     dist_utils.barrier(info)
