@@ -103,6 +103,14 @@ class PipelineAdapter:
         """Height and width must be multiples of this (VAE factor x 2x2 patches)."""
         return self.vae_scale_factor * 2
 
+    def latent_hw(self, height: int, width: int) -> tuple[int, int]:
+        """Latent height and width for an image size; refuses sizes the VAE and patching cannot tile."""
+        m = self.resolution_multiple
+        if height % m or width % m:
+            raise ValueError(f"resolution {height}x{width} is not a multiple of {m} (VAE factor "
+                             f"{self.vae_scale_factor} x 2x2 packing); use e.g. {height // m * m or m}")
+        return height // self.vae_scale_factor, width // self.vae_scale_factor
+
     def identity(self) -> dict:
         """What makes checkpoints belong to this model (see :func:`model_identity`)."""
         return model_identity(self.family, self.transformer, max_sequence_length=self.max_sequence_length)

@@ -49,13 +49,6 @@ class FluxAdapter(PipelineAdapter):
         self.pipe.text_encoder_2.cpu()
 
     # ---------------------------------------------------------------------------------------------- latents
-    def latent_hw(self, height: int, width: int) -> tuple[int, int]:
-        m = self.resolution_multiple
-        if height % m or width % m:
-            raise ValueError(f"resolution {height}x{width} is not a multiple of {m} (VAE factor "
-                             f"{self.vae_scale_factor} x 2x2 packing); use e.g. {height // m * m or m}")
-        return height // self.vae_scale_factor, width // self.vae_scale_factor
-
     def _image_ids(self, height: int, width: int) -> torch.Tensor:
         h, w = self.latent_hw(height, width)
         return self.pipe._prepare_latent_image_ids(1, h // 2, w // 2, self.device, self.dtype)

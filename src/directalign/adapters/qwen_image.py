@@ -99,13 +99,6 @@ class QwenImageAdapter(PipelineAdapter):
             self.pipe.text_encoder.cpu()
 
     # ---------------------------------------------------------------------------------------------- latents
-    def latent_hw(self, height: int, width: int) -> tuple[int, int]:
-        m = self.resolution_multiple
-        if height % m or width % m:
-            raise ValueError(f"resolution {height}x{width} is not a multiple of {m} (VAE factor "
-                             f"{self.vae_scale_factor} x 2x2 packing); use e.g. {height // m * m or m}")
-        return height // self.vae_scale_factor, width // self.vae_scale_factor
-
     def _channels(self) -> int:
         return self.transformer.config.in_channels // 4
 

@@ -51,12 +51,6 @@ class SD3Adapter(PipelineAdapter):
             if module is not None:
                 module.cpu()
 
-    def latent_hw(self, height: int, width: int) -> tuple[int, int]:
-        m = self.resolution_multiple
-        if height % m or width % m:
-            raise ValueError(f"resolution {height}x{width} is not a multiple of {m}; use e.g. {height // m * m or m}")
-        return height // self.vae_scale_factor, width // self.vae_scale_factor
-
     def noise(self, batch: int, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
         h, w = self.latent_hw(height, width)
         c = self.transformer.config.in_channels

@@ -87,24 +87,10 @@ class CLIPReward(Reward):
         """
         from transformers import AutoTokenizer, CLIPModel
 
-        check_clip_dir(path)
-        try:
-            model, info = CLIPModel.from_pretrained(path, output_loading_info=True)
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError):
-            raise
-        except Exception as e:  # UnpicklingError (refused pickled code), SafetensorError (corrupt file), ...
-            import pickle
+        from .clip_score import load_checked  # the one guarded loader every CLIP-family reward uses
 
-            first = (str(e).strip().splitlines() or [""])[0][:160]
-            if isinstance(e, pickle.UnpicklingError):
-                first = "a pickled weights file holds objects other than tensors; refused, nothing in it ran"
-            raise ValueError(f"{path} holds unreadable or unsafe weights ({type(e).__name__}: {first}); give a "
-                             "CLIP checkpoint saved as safetensors") from None
-        missing = list(info.get("missing_keys") or [])
-        if missing:
-            raise ValueError(f"{path} is not a complete CLIP model: {len(missing)} weights are missing (e.g. "
-                             f"{missing[0]}); it holds another architecture; give a CLIPModel checkpoint")
+        model = load_checked(CLIPModel, path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
         return cls(model, tokenizer, **kwargs)
 
     @property
