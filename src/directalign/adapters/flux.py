@@ -26,6 +26,7 @@ class FluxAdapter(PipelineAdapter):
         self._attach(pipe, ("vae", "text_encoder", "text_encoder_2"))
         self.max_sequence_length = max_sequence_length or min(512, pipe.tokenizer_2.model_max_length)
         self._cache: dict[str, PromptEmbeds] = {}
+        self._ids_cache: dict[tuple, torch.Tensor] = {}
 
     @property
     def has_guidance_embedding(self) -> bool:
@@ -50,8 +51,12 @@ class FluxAdapter(PipelineAdapter):
 
     # ---------------------------------------------------------------------------------------------- latents
     def _image_ids(self, height: int, width: int) -> torch.Tensor:
-        h, w = self.latent_hw(height, width)
-        return self.pipe._prepare_latent_image_ids(1, h // 2, w // 2, self.device, self.dtype)
+        """Positional ids of the packed image tokens; built once per size (every velocity call needs them)."""
+        key = (height, width, self.device, self.dtype)
+        if key not in self._ids_cache:
+            h, w = self.latent_hw(height, width)
+            self._ids_cache[key] = self.pipe._prepare_latent_image_ids(1, h // 2, w // 2, self.device, self.dtype)
+        return self._ids_cache[key]
 
     def noise(self, batch: int, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
         """Gaussian noise in the packed layout, drawn in the unpacked layout as FluxPipeline does."""
