@@ -369,3 +369,40 @@ def test_qwen_vae_decode_checkpointing_gives_the_same_gradient():
         adapter.decode(xi, side, side).square().sum().backward()
         grads.append(xi.grad)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------- eval loading
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_eval_loads_a_pipeline_and_an_exported_transformer_of_the_family(family, saved_dirs, tmp_path):
+    """``directalign eval/sample`` read the family from model_index.json and load an exported transformer with the
+    base's own class (not FLUX's)."""
+    from directalign.eval_cli import load_model, resolve_model
+
+    _, cls, side, seq = SPECS[family]
+    cfg = build_config({}, ["model.device=cpu", f"model.height={side}", f"model.width={side}",
+                            f"model.max_sequence_length={seq}"])  # model.family stays the default (flux)
+    pipe_ref = resolve_model(str(saved_dirs[family]), cfg)
+    assert isinstance(load_model(pipe_ref, cfg), cls)
+
+    trained, _ = _adapter(family)
+    with torch.no_grad():
+        for p in trained.transformer.parameters():
+            p.add_(0.01)
+    trained.transformer.save_pretrained(tmp_path / "transformer")
+    ref = resolve_model(str(tmp_path / "transformer"), cfg, base=str(saved_dirs[family]))
+    adapter = load_model(ref, cfg)
+    assert isinstance(adapter, cls)
+    want = trained.transformer.state_dict()
+    got = adapter.transformer.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_eval_refuses_a_transformer_of_another_family(saved_dirs, tmp_path):
+    from directalign.eval_cli import EvalError, load_model, resolve_model
+
+    sd3, _ = _adapter("sd3")
+    sd3.transformer.save_pretrained(tmp_path / "transformer")
+    cfg = build_config({}, ["model.device=cpu", "model.height=16", "model.width=16", "model.max_sequence_length=64"])
+    ref = resolve_model(str(tmp_path / "transformer"), cfg, base=str(saved_dirs["qwen-image"]))
+    with pytest.raises(EvalError, match="is a SD3Transformer2DModel, but the base model's is a QwenImage"):
+        load_model(ref, cfg)

@@ -51,32 +51,38 @@ def _losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("finetune", ["lora", "full"])
-def test_two_processes_match_one_process_with_twice_the_batch(random_world, tmp_path, finetune):
+@pytest.mark.parametrize("finetune,strategy,expected", [("lora", "auto", "replicate"), ("full", "auto", "fsdp"),
+                                                         ("full", "replicate", "replicate")])
+def test_two_processes_match_one_process_with_twice_the_batch(random_world, tmp_path, finetune, strategy, expected):
     one = tmp_path / "one"
     cfg1 = build_config({}, SETTINGS + [f"run.output_dir={one}", "train.batch_size=2", f"train.finetune={finetune}"])
     train(cfg1, log=lambda *_: None, max_steps_this_session=2)
 
     two = tmp_path / "two"
-    cfg2 = build_config({}, SETTINGS + [f"run.output_dir={two}", "train.batch_size=1", f"train.finetune={finetune}"])
+    cfg2 = build_config({}, SETTINGS + [f"run.output_dir={two}", "train.batch_size=1", f"train.finetune={finetune}",
+                                        f"train.distributed={strategy}"])
     cfg_path = tmp_path / "two.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg2.to_dict()))
     _torchrun(cfg_path, random_world, steps=2)
 
     assert _losses(two) == pytest.approx(_losses(one), rel=1e-4, abs=1e-6)
     w1, w2 = _weights(one, 2), _weights(two, 2)
-    assert w1.keys() == w2.keys()
+    assert w1.keys() == w2.keys()  # FSDP checkpoints hold whole tensors under the plain module's names
     base = load_file(str(one / "checkpoints" / "step-00000001" / "trainable.safetensors"))
     changed = [k for k in w1 if not torch.equal(w1[k], base[k])]
     assert changed, "training did not change any weight"
     for k in w1:
+        assert w1[k].shape == w2[k].shape, k
         assert torch.allclose(w1[k], w2[k], rtol=1e-4, atol=1e-6), k
     state = json.loads((two / "checkpoints" / "step-00000002" / "state.json").read_text())
-    assert state["world_size"] == 2
+    assert state["world_size"] == 2 and state["distributed"] == expected
 
 
-def test_two_process_resume_equals_uninterrupted(random_world, tmp_path):
-    cfg_for = lambda run: build_config({}, SETTINGS + [f"run.output_dir={run}", "train.batch_size=1"])  # noqa: E731
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_two_process_resume_equals_uninterrupted(random_world, tmp_path, finetune):
+    # full fine-tuning runs on FSDP2 and keeps an EMA, so sharded weights, optimizer moments and EMA all round-trip
+    extra = [f"train.finetune={finetune}"] + (["train.ema_decay=0.5"] if finetune == "full" else [])
+    cfg_for = lambda run: build_config({}, SETTINGS + extra + [f"run.output_dir={run}", "train.batch_size=1"])  # noqa: E731
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     for run in (straight, resumed):
         (tmp_path / f"{run.name}.yaml").write_text(yaml.safe_dump(cfg_for(run).to_dict()))
@@ -85,3 +91,54 @@ def test_two_process_resume_equals_uninterrupted(random_world, tmp_path):
     _torchrun(tmp_path / "resumed.yaml", random_world, steps=1, resume=True)
     a, b = _weights(straight, 2), _weights(resumed, 2)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    if finetune == "full":
+        ema_a, ema_b = (load_file(str(r / "checkpoints" / "step-00000002" / "ema.safetensors")) for r in (straight, resumed))
+        assert ema_a.keys() == a.keys() and all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+        opt_a, opt_b = (torch.load(r / "checkpoints" / "step-00000002" / "optimizer.pt", weights_only=True)
+                        for r in (straight, resumed))
+        assert len(opt_a["state"]) == len(a)  # one Adam state per parameter, numbered as a 1-process run numbers them
+        assert all(torch.equal(opt_a["state"][i]["exp_avg"], opt_b["state"][i]["exp_avg"]) for i in opt_a["state"])
+
+
+def test_fsdp_checkpoint_resumes_in_one_process_with_the_same_global_batch(random_world, tmp_path):
+    """Checkpoints hold whole tensors, so a 2-process FSDP run can continue on 1 process (per-rank noise: the same
+    trajectory), and it ends where a 1-process run with the global batch ends."""
+    full = ["train.finetune=full"]
+    one = tmp_path / "one"
+    train(build_config({}, SETTINGS + full + [f"run.output_dir={one}", "train.batch_size=2"]), log=lambda *_: None,
+          max_steps_this_session=2)
+    moved = tmp_path / "moved"
+    cfg2 = build_config({}, SETTINGS + full + [f"run.output_dir={moved}", "train.batch_size=1"])
+    (tmp_path / "moved.yaml").write_text(yaml.safe_dump(cfg2.to_dict()))
+    _torchrun(tmp_path / "moved.yaml", random_world, steps=1)
+    assert json.loads((moved / "checkpoints" / "step-00000001" / "state.json").read_text())["distributed"] == "fsdp"
+    cfg1 = build_config({}, SETTINGS + full + [f"run.output_dir={moved}", "train.batch_size=2"])
+    train(cfg1, resume=True, log=lambda *_: None, max_steps_this_session=1)
+    a, b = _weights(one, 2), _weights(moved, 2)
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
+
+
+def test_fsdp_with_lora_is_refused():
+    from directalign.engine.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.distributed=fsdp shards full fine-tuning"):
+        build_config({}, ["train.distributed=fsdp"])
+
+
+def test_fsdp_run_finishes_with_an_export_of_the_trained_weights(random_world, tmp_path):
+    """At the end rank 0 gathers the shards into an ordinary module, evaluates it and exports it."""
+    from diffusers import FluxTransformer2DModel
+
+    run = tmp_path / "fsdp"
+    cfg = build_config({}, SETTINGS + ["train.finetune=full", f"run.output_dir={run}", "train.batch_size=1",
+                                       "train.steps=2", "eval.seeds=[0]", "eval.steps=2", "eval.best_of=1",
+                                       "eval.prompts=tiny-world:heldout"])
+    (tmp_path / "fsdp.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    _torchrun(tmp_path / "fsdp.yaml", random_world, steps=2)
+    summary = json.loads((run / "summary.json").read_text())
+    assert isinstance(summary["reward_after"], float)
+    exported = FluxTransformer2DModel.from_pretrained(run / "export" / "transformer").state_dict()
+    trained = _weights(run, 2)
+    assert exported.keys() == trained.keys()
+    assert all(torch.equal(exported[k], trained[k]) for k in trained)

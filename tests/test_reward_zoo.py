@@ -109,7 +109,8 @@ def ref_torchvision(img: torch.Tensor, size=224) -> torch.Tensor:
 
 
 def ref_resize_max(img: torch.Tensor, size=224) -> torch.Tensor:
-    """open_clip ``ResizeMaxSize(size, fill=0)`` (HPSv2's preprocess_val) written with PIL."""
+    """open_clip ``ResizeMaxSize(size, fill=0)`` on a PIL image (open_clip 3.x's ``resize_mode="longest"``) written
+    with PIL. HPSv2's own preprocess_val runs it on the float tensor instead: tests/test_hps_openclip_reference.py."""
     pil = to_pil(img)
     w, h = pil.size
     scale = size / max(h, w)
@@ -136,6 +137,9 @@ MEAN_TOL = 0.25 / 255
 def test_differentiable_preprocessing_matches_the_published_pipeline(crop, shape):
     images = real_images(*shape)
     ours = pp.published_preprocess(images, 224, crop)
+    if crop == "pad":  # HPSv2 keeps the bicubic overshoot (float tensor resize); PIL clips it to [0, 255]
+        mean, std = (torch.tensor(v)[None, :, None, None] for v in (pp.CLIP_MEAN, pp.CLIP_STD))
+        ours = pp.normalize((ours * std + mean).clamp(0, 1))
     ref = torch.stack([REFERENCES[crop](img) for img in images])
     assert ours.shape == ref.shape == (3, 3, 224, 224)
     diff = ((ours - ref) * torch.tensor(pp.CLIP_STD)[None, :, None, None]).abs()

@@ -5,9 +5,10 @@ Models (``--model``, or the positional arguments of ``compare``):
 * ``tiny-world`` -- the shipped tiny world; ``base`` -- the base model of ``--config`` (the tiny world without one);
 * a run directory (holds ``config.yaml``) -- the run's base model with its exported weights: the LoRA in
   ``export/lora`` (``pipe.load_lora_weights``), else the transformer in ``export/transformer``;
-* an exported transformer directory (``config.json`` of a ``FluxTransformer2DModel``) or a LoRA directory
-  (``pytorch_lora_weights.safetensors``), applied to ``--base`` (default: the tiny world);
-* a diffusers pipeline directory (``model_index.json``).
+* an exported transformer directory (``config.json`` of a FLUX, SD3 or Qwen-Image transformer) or a LoRA directory
+  (``pytorch_lora_weights.safetensors``), applied to ``--base`` (default: the tiny world); the transformer's class
+  must be the base's;
+* a diffusers pipeline directory (``model_index.json``); its family (FLUX, SD3, Qwen-Image) comes from the index.
 
 Settings (prompts, seeds, steps, guidance, shift, resolution and the run's training reward) come from ``--config``,
 else from the run's own ``config.yaml`` when the model is a run directory, else from the shipped ``tiny-srpo``
@@ -158,11 +159,14 @@ def resolve_model(spec: str, settings_cfg=None, base: str | None = None) -> Mode
 
 
 def load_model(ref: ModelRef, cfg):
-    """A :class:`directalign.adapters.flux.FluxAdapter` for ``ref`` with the dtype and device of ``cfg.model``."""
+    """The adapter of the model's family for ``ref`` with the dtype and device of ``cfg.model``."""
+    from .adapters.loading import family_of_dir
     from .engine.trainer import load_adapter, resolve_device
 
     c = copy.deepcopy(cfg)
     c.model.path = ref.base
+    if ref.kind in ("pipeline", "transformer", "lora"):  # a local base directory says which family it is
+        c.model.family = family_of_dir(Path(ref.base).expanduser()) or c.model.family
     device = resolve_device(c.model.device)
     adapter = load_adapter(c, device)
     if ref.kind == "run":
@@ -194,10 +198,16 @@ def _apply_lora(adapter, lora_dir: Path, run_cfg) -> None:
 
 
 def _apply_transformer(adapter, path: Path) -> None:
-    from diffusers import FluxTransformer2DModel
-
+    cls = type(adapter.transformer)  # an exported transformer replaces the base's own, so it must be that class
     try:
-        t = FluxTransformer2DModel.from_pretrained(str(path), torch_dtype=adapter.dtype)
+        saved = json.loads((path / "config.json").read_text()).get("_class_name", "")
+    except (OSError, ValueError):
+        saved = ""
+    if saved and saved != cls.__name__:
+        raise EvalError(f"the transformer in {str(path)!r} is a {saved}, but the base model's is a {cls.__name__}; "
+                        "pass --base (or the run's config) with the model it was trained from")
+    try:
+        t = cls.from_pretrained(str(path), torch_dtype=adapter.dtype)
     except (OSError, ValueError) as e:
         raise EvalError(f"could not load the transformer in {str(path)!r}: {str(e).splitlines()[0]}") from None
     adapter.pipe.transformer = t.to(adapter.device).requires_grad_(False)

@@ -43,6 +43,15 @@ def _has_weights(folder: Path) -> bool:
     return any(f.name.endswith(_WEIGHT_SUFFIXES) for f in folder.iterdir() if f.is_file())
 
 
+def family_of_dir(path: str | Path) -> str | None:
+    """The ``model.family`` of a local diffusers directory from its ``model_index.json`` (None if unknown)."""
+    try:
+        index = json.loads((Path(path) / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return _FAMILY_OF_PIPELINE.get(index.get("_class_name", "")) if isinstance(index, dict) else None
+
+
 def check_model_dir(path: str | Path, family: str) -> None:
     """Raise ``ValueError`` with one line naming the problem if ``path`` cannot serve ``family``."""
     fam = FAMILIES[family]

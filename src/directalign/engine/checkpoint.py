@@ -189,7 +189,10 @@ def _write_error(final: Path, root: Path, e: BaseException) -> CheckpointError:
 
 def save_checkpoint(root: Path, step: int, trainable: dict[str, torch.Tensor], optimizer, lr_scheduler,
                     state: dict, ema: dict[str, torch.Tensor] | None = None, keep: int = 2) -> Path:
-    """Write a checkpoint atomically and prune old ones (never the one just written, so never the only one)."""
+    """Write a checkpoint atomically and prune old ones (never the one just written, so never the only one).
+
+    ``optimizer`` is the optimizer or its state dict (FSDP runs pass the unsharded state, numbered like
+    ``optimizer.state_dict()``)."""
     root = Path(root)
     trainable = {k: v.detach().contiguous().cpu() for k, v in trainable.items()}
     _check_finite(trainable)
@@ -207,7 +210,7 @@ def save_checkpoint(root: Path, step: int, trainable: dict[str, torch.Tensor], o
         if ema_cpu is not None:
             save_file(ema_cpu, str(tmp / "ema.safetensors"))
             _test_pause()
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), tmp / "optimizer.pt")
         _test_pause()
         torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
         _test_pause()

@@ -36,15 +36,15 @@ class ModelConfig:
     # A run of another model may continue from these weights only; resume checks it.
 
 
-REWARD_TERM_KINDS = ("tiny-world", "clip", "pickscore", "hpsv2", "aesthetic", "imagereward")
+REWARD_TERM_KINDS = ("tiny-world", "clip", "pickscore", "hpsv2", "aesthetic", "aesthetic-v25", "imagereward")
 
 
 @dataclass
 class RewardTerms:
     """``reward.kind=sum``: term i is the raw score of ``kinds[i]`` loaded from ``paths[i]`` (pickscore:
-    logit_scale.exp() * cos; hpsv2 / clip / tiny-world: cos; aesthetic: the MLP's 1..10; imagereward: its
-    normalised score), combined as ``sum_i weights[i] * (s_i - means[i]) / stds[i]``. Empty weights / means / stds
-    lists mean 1 / 0 / 1 for every term (no normalisation); nothing is estimated from data."""
+    logit_scale.exp() * cos; hpsv2 / clip / tiny-world: cos; aesthetic / aesthetic-v25: the MLP's 1..10;
+    imagereward: its normalised score), combined as ``sum_i weights[i] * (s_i - means[i]) / stds[i]``. Empty
+    weights / means / stds lists mean 1 / 0 / 1 for every term (no normalisation); nothing is estimated from data."""
 
     kinds: list[str] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)
@@ -71,7 +71,8 @@ class RewardTerms:
 
 @dataclass
 class RewardConfig:
-    # tiny-world | clip (any transformers CLIPModel) | pickscore | hpsv2 | aesthetic | imagereward | sum
+    # tiny-world | clip (any transformers CLIPModel) | pickscore | hpsv2 | aesthetic | aesthetic-v25 | imagereward
+    # | sum
     # (directalign.rewards.zoo documents what reward.path holds for each kind)
     kind: str = "tiny-world"
     path: str = "tiny-world"
@@ -85,6 +86,7 @@ class RewardConfig:
     #                      laion/CLIP-ViT-H-14-laion2B-s32B-b79K), pickscore fallback (same), imagereward
     #                      (default bert-base-uncased)
     clip_backbone: str = "openai/clip-vit-large-patch14"  # aesthetic: the CLIP ViT-L/14 under the MLP head
+    siglip_backbone: str = "google/siglip-so400m-patch14-384"  # aesthetic-v25: the SigLIP under the MLP head
     dtype: str = "float32"  # reward weights: float32 | bfloat16 | float16
     terms: RewardTerms = field(default_factory=RewardTerms)  # kind=sum only
 
@@ -201,6 +203,7 @@ class TrainConfig:
     warmup_steps: int = 0
     ema_decay: float = 0.0  # 0 disables EMA
     finetune: str = "lora"  # lora | full
+    distributed: str = "auto"  # several ranks: auto (LoRA: replicate; full: fsdp) | replicate | fsdp (FSDP2)
     lora_rank: int = 16
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
@@ -266,7 +269,7 @@ CHOICES: dict[str, tuple] = {
     "grpo.sde": ("dance", "flow"),
     "model.family": ("flux", "sd3", "qwen-image"),
     "model.dtype": ("float32", "bfloat16", "float16"),
-    "reward.kind": ("tiny-world", "clip", "pickscore", "hpsv2", "aesthetic", "imagereward", "sum"),
+    "reward.kind": ("tiny-world", "clip", "pickscore", "hpsv2", "aesthetic", "aesthetic-v25", "imagereward", "sum"),
     "reward.form": ("official", "paper", "relative", "absolute"),
     "reward.selection": ("round_robin", "random"),
     "srpo.noise_prior": ("rollout", "fresh"),
@@ -274,6 +277,7 @@ CHOICES: dict[str, tuple] = {
     "srpo.loss": ("hinge", "linear"),
     "train.lr_schedule": ("constant", "cosine", "linear"),
     "train.finetune": ("lora", "full"),
+    "train.distributed": ("auto", "replicate", "fsdp"),
     "train.mixed_precision": ("no", "bf16"),
     "train.on_nonfinite": ("skip", "abort"),
 }
@@ -447,6 +451,9 @@ def validate(cfg: Config) -> None:
     need(t.warmup_steps >= 0, f"train.warmup_steps: must be >= 0, got {t.warmup_steps}")
     need(0 <= t.ema_decay < 1, f"train.ema_decay: must be in [0, 1), got {t.ema_decay}")
     need(t.lora_rank >= 1, f"train.lora_rank: must be >= 1, got {t.lora_rank}")
+    need(not (t.distributed == "fsdp" and t.finetune == "lora"),
+         "train.distributed=fsdp shards full fine-tuning; LoRA weights are replicated (they are a few MB): use "
+         "train.distributed=auto or train.finetune=full")
     need(t.lora_alpha > 0, f"train.lora_alpha: must be > 0, got {t.lora_alpha}")
     need(0 <= t.lora_dropout < 1, f"train.lora_dropout: must be in [0, 1), got {t.lora_dropout}")
     need(m.height >= 8 and m.width >= 8, f"model.height/width: must be >= 8, got {m.height}x{m.width}")

@@ -79,17 +79,85 @@ def all_reduce_gradients(params: list[torch.nn.Parameter], info: DistInfo) -> No
         offset += n
 
 
+def uses_fsdp(finetune: str, strategy: str, info: DistInfo) -> bool:
+    """Whether this run shards the transformer with FSDP2: full fine-tuning on several ranks unless
+    ``train.distributed=replicate`` (LoRA always replicates: its weights are a few MB)."""
+    return info.enabled and finetune == "full" and strategy in ("auto", "fsdp")
+
+
 def shard_full_model(transformer, info: DistInfo):
-    """FSDP2 sharding of every transformer block and the root, for full fine-tuning across ranks."""
+    """FSDP2 (``fully_shard``): every transformer block is its own unit (gathered just before it runs and freed
+    after), then the root for the embeddings and output layers. Parameters become DTensors sharded on dim 0."""
     if not info.enabled:
         return transformer
     from torch.distributed.fsdp import fully_shard
 
-    for block in list(getattr(transformer, "transformer_blocks", [])) + list(
-            getattr(transformer, "single_transformer_blocks", [])):
-        fully_shard(block)
+    for name in ("transformer_blocks", "single_transformer_blocks"):
+        for block in getattr(transformer, name, None) or []:
+            fully_shard(block)
     fully_shard(transformer)
     return transformer
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind a DTensor (a collective: every rank calls it), or ``t`` itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def like_param(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``full`` laid out like ``param``: this rank's shard when ``param`` is a DTensor (no communication)."""
+    if hasattr(param, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(full.to(param.device, param.dtype), param.device_mesh, param.placements,
+                                 src_data_rank=None)
+    return full.to(param.device, param.dtype)
+
+
+def _full_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # every rank receives the whole tensors (cpu_offload would keep them on rank 0 only)
+    return StateDictOptions(full_state_dict=True, cpu_offload=False)
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded state dict of an FSDP2 model, on every rank (a collective)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return {k: v.detach().cpu() for k, v in get_model_state_dict(model, options=_full_options()).items()}
+
+
+def load_full_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load an unsharded state dict (as written by any world size) into an FSDP2 model; every rank passes it."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    result = set_model_state_dict(model, state, options=_full_options())
+    if result.missing_keys or result.unexpected_keys:
+        raise KeyError((result.missing_keys or result.unexpected_keys)[0])
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, names: list[str]) -> dict:
+    """The optimizer state of an FSDP2 model, unsharded and in ``optimizer.state_dict()``'s own layout (parameters
+    numbered in ``names`` order), so one checkpoint format serves every world size and strategy. A collective."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    sd = get_optimizer_state_dict(model, optimizer, options=_full_options())
+    index = {n: i for i, n in enumerate(names)}
+    state = {index[n]: {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in s.items()}
+             for n, s in sd["state"].items()}
+    groups = [dict(g, params=[index[n] for n in g["params"]]) for g in sd["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sd: dict,
+                              names: list[str]) -> None:
+    """Inverse of :func:`full_optimizer_state`: shard a numbered, unsharded optimizer state onto this rank."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    by_name = {"state": {names[int(i)]: s for i, s in sd["state"].items()},
+               "param_groups": [dict(g, params=[names[int(i)] for i in g["params"]]) for g in sd["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, by_name, options=_full_options())
 
 
 def barrier(info: DistInfo) -> None:

@@ -211,7 +211,14 @@ def trainable_state(cfg: Config, transformer) -> dict[str, torch.Tensor]:
     return transformer.state_dict()
 
 
-def load_trainable_state(cfg: Config, transformer, state: dict[str, torch.Tensor]) -> None:
+def unsharded(cls, sharded, weights: dict[str, torch.Tensor]):
+    """A plain ``cls`` module (the transformer's class before FSDP2 wrapped it) holding ``weights``."""
+    module = cls.from_config(sharded.config)
+    module.load_state_dict(weights)
+    return module.to(device=sharded.device, dtype=sharded.dtype).eval().requires_grad_(False)
+
+
+def load_trainable_state(cfg: Config, transformer, state: dict[str, torch.Tensor], fsdp: bool = False) -> None:
     if cfg.train.finetune == "lora":
         from peft.utils import set_peft_model_state_dict
 
@@ -220,6 +227,14 @@ def load_trainable_state(cfg: Config, transformer, state: dict[str, torch.Tensor
         if unexpected:
             raise TrainingError(f"checkpoint holds weights this model does not have ({unexpected[0]}); it belongs "
                                 "to another model or LoRA setting")
+    elif fsdp:
+        from .distributed import load_full_model_state
+
+        try:
+            load_full_model_state(transformer, state)
+        except (KeyError, RuntimeError):
+            raise TrainingError("checkpoint weights do not match this transformer; it belongs to another model") \
+                from None
     else:
         missing, unexpected = transformer.load_state_dict(state, strict=False)
         if missing or unexpected:
@@ -306,7 +321,7 @@ def prepare_run_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
     return run_dir
 
 
-def identity(cfg: Config, adapter) -> dict:
+def identity(cfg: Config, adapter, world_size: int = 1) -> dict:
     """What a checkpoint must match to be resumed: the model and every setting that changes the trajectory."""
     from .config import diff_from_defaults
 
@@ -314,8 +329,11 @@ def identity(cfg: Config, adapter) -> dict:
     # behaviour) does not orphan older runs. Logging, checkpoint cadence, output paths, evaluation, the step budget,
     # where the model lives and which device runs it do not change the trajectory; the model digest covers weights.
     ignored = ("run.", "eval.")
-    ignored_keys = {"train.steps", "model.path", "model.device"}
+    # How the work is split across ranks does not either: the batch counts globally, so a run can resume on another
+    # number of processes with the same global batch (per-rank noise keeps the trajectory; shared noise changes it).
+    ignored_keys = {"train.steps", "model.path", "model.device", "train.distributed", "train.batch_size"}
     d = {k: v for k, v in diff_from_defaults(cfg).items() if not k.startswith(ignored) and k not in ignored_keys}
+    d["global_batch"] = cfg.train.batch_size * world_size
     return {"model": ckpt.fingerprint(adapter.identity()), "config": ckpt.fingerprint(d)}
 
 
@@ -378,14 +396,20 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, max_steps_
     if state_path.exists():
         summary.update(json.loads(state_path.read_text()))
 
+    ids = identity(cfg, adapter, info.world_size)  # before sharding: the digest reads whole base weights
     params = apply_finetune_mode(cfg, adapter)
     t = cfg.train
+    fsdp = dist_utils.uses_fsdp(t.finetune, t.distributed, info)
+    plain_transformer_class = type(adapter.transformer)
+    if fsdp:
+        dist_utils.shard_full_model(adapter.transformer, info)
+        params = [p for p in adapter.transformer.parameters() if p.requires_grad]  # now DTensor shards
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, betas=tuple(t.adam_betas), eps=t.adam_eps,
                                   weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.lr_schedule, t.warmup_steps, t.steps))
     named = [(n, p) for n, p in adapter.transformer.named_parameters() if p.requires_grad]
+    names = [n for n, _ in named]
     ema = {n: p.detach().clone() for n, p in named} if t.ema_decay > 0 else None
-    ids = identity(cfg, adapter)
     ckpt_root = run_dir / "checkpoints"
     start_step = 0
     if resume:
@@ -401,12 +425,16 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, max_steps_
         if st.get("config") != ids["config"]:
             raise TrainingError(f"--resume: checkpoint {latest.name} was written with a different config; resume "
                                 f"with the run's own config ({run_dir / 'config.yaml'}) or start a new run")
-        load_trainable_state(cfg, adapter.transformer, loaded["trainable"])
-        optimizer.load_state_dict(loaded["optimizer"])
+        # checkpoints hold whole tensors whatever wrote them, so any strategy and world size can read them
+        load_trainable_state(cfg, adapter.transformer, loaded["trainable"], fsdp)
+        if fsdp:
+            dist_utils.load_full_optimizer_state(adapter.transformer, optimizer, loaded["optimizer"], names)
+        else:
+            optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(loaded["lr_scheduler"])
         ckpt.set_rng_state(loaded["rng"])
         if ema is not None and loaded["ema"] is not None:
-            ema = {k: v.to(device) for k, v in loaded["ema"].items()}
+            ema = {n: dist_utils.like_param(loaded["ema"][n], p) for n, p in named}
         start_step = st["step"]
         if info.is_main:
             log(f"resumed from {latest} at step {start_step}")
@@ -441,11 +469,18 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, max_steps_
         if last_saved["step"] == step_done:
             return None
         path = None
+        if fsdp:  # gathering the shards is a collective: every rank takes part, rank 0 writes
+            weights = dist_utils.full_model_state(adapter.transformer)
+            opt_state = dist_utils.full_optimizer_state(adapter.transformer, optimizer, names)
+            ema_state = {n: dist_utils.full_tensor(v) for n, v in ema.items()} if ema is not None else None
+        else:
+            weights, opt_state, ema_state = trainable_state(cfg, adapter.transformer), optimizer, ema
         if info.is_main:
             path = ckpt.save_checkpoint(
-                ckpt_root, step_done, trainable_state(cfg, adapter.transformer), optimizer, scheduler,
+                ckpt_root, step_done, weights, opt_state, scheduler,
                 dict(ids, data_position=list(sampler.position(step_done, 0)), version=__version__,
-                     world_size=world), ema=ema, keep=cfg.run.keep_checkpoints)
+                     world_size=world, distributed="fsdp" if fsdp else "replicate" if info.enabled else "none"),
+                ema=ema_state, keep=cfg.run.keep_checkpoints)
         dist_utils.barrier(info)
         last_saved["step"] = step_done
         return path
@@ -476,10 +511,12 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, max_steps_
                          if s_cfg.noise_prior == "fresh" else None)
                 results = method.accumulate_gradients(step, prompts, gen, rng, noise=noise[mine],
                                                       fresh_noise=fresh)
-            dist_utils.all_reduce_gradients(params, info)
+            if not fsdp:  # FSDP2 reduce-scatters the gradients during backward
+                dist_utils.all_reduce_gradients(params, info)
             grads = [p.grad for p in params if p.grad is not None]
             clip = t.grad_clip if t.grad_clip > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip)) if grads else 0.0
+            grad_norm = (float(dist_utils.full_tensor(torch.nn.utils.clip_grad_norm_(params, clip)))
+                         if grads else 0.0)
             loss = dist_utils.all_reduce_mean(sum(r.loss for r in results), info, device)
             for r in results:
                 r.reward = dist_utils.all_reduce_mean(r.reward, info, device)
@@ -532,14 +569,20 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, max_steps_
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
-    if step < t.steps or not info.is_main:  # a partial session, or a non-main rank: no final evaluation
+    if step < t.steps:  # a partial session: no final evaluation
         dist_utils.barrier(info)
         return RunResult(run_dir, {"step": step}, adapter)
-
     if ema is not None:  # evaluate and export the EMA weights
         with torch.no_grad():
             for n, p in named:
                 p.copy_(ema[n])
+    if fsdp:  # rank 0 evaluates and exports alone, so it gets an ordinary module with the gathered weights
+        weights = dist_utils.full_model_state(adapter.transformer)
+        if info.is_main:
+            adapter.pipe.transformer = unsharded(plain_transformer_class, adapter.transformer, weights)
+    if not info.is_main:
+        dist_utils.barrier(info)
+        return RunResult(run_dir, {"step": step}, adapter)
     adapter.transformer.eval()
     summary.update(finish(cfg, run_dir, adapter, reward, eval_prompts, is_world, skipped))
     dist_utils.barrier(info)

@@ -8,10 +8,10 @@ safetensors), never unpickled as code.
 Score, as HPSv2's ``img_score.py`` and the official SRPO code compute it: the plain cosine of the L2-normalised
 image and text embeddings (no logit scale), ``cos(f_img, f_txt) / divisor``.
 
-Preprocessing: HPSv2's published ``preprocess_val`` resizes the longest side to 224 (bicubic) and pads to a square
-with black (open_clip ``ResizeMaxSize``), then normalises with OpenAI CLIP's mean / std; ``crop="pad"`` here. The
-official SRPO training code resizes the shortest side and centre crops instead (``crop="round"``); for square images,
-which SRPO trains on, the two are the same resize.
+Preprocessing: HPSv2's published ``preprocess_val`` resizes the longest side to 224 (bicubic, on the float tensor)
+and pads to a square with black (open_clip ``ResizeMaxSize``), then normalises with OpenAI CLIP's mean / std;
+``crop="pad"`` here. The official SRPO training code resizes the shortest side and centre crops instead
+(``crop="round"``); for square images, which SRPO trains on, the two are the same resize.
 
 The conversion (open_clip key -> transformers key):
 
@@ -44,14 +44,20 @@ heads; text 16 heads of 64) and the activation (GELU for the LAION-trained ViT-H
 weights). Text pooling: open_clip takes the token at ``argmax(input_ids)`` (the end-of-text token, the largest id of
 the CLIP BPE vocabulary); transformers takes the first end-of-text token, the same position.
 
-Proof of the conversion: ``tests/test_reward_zoo.py`` builds a reference implementation of open_clip's
-``VisionTransformer`` / ``TextTransformer`` forward (pre-LN residual attention blocks with ``nn.MultiheadAttention``,
-class and positional embeddings, ``ln_post`` and ``proj``; causal mask, ``ln_final``, ``text_projection`` at the
-argmax token) with open_clip's parameter names, fills it with random weights, converts its state dict and checks
-that the converted CLIPModel gives the same embeddings and scores on the same images and texts. open_clip itself
-needs torchvision, which cannot be installed next to this environment's torch; in an environment with torch 2.14.1
-and torchvision, the same test can use ``open_clip.create_model("ViT-H-14")`` (or a small config such as
-``ViT-B-32``) with random weights in place of the reference module.
+Proof of the conversion, against open_clip itself: ``tests/test_hps_openclip_reference.py`` loads a tiny seeded
+random ``open_clip.model.CLIP`` of ViT-H-14's family (every parameter away from its default) with
+:meth:`HPSv2Reward.from_pretrained` and checks that the raw and normalised image / text features and the HPS scores
+equal open_clip's to 1e-5 (measured <= 5e-7), that a broken mapping (swapped q / k / v, untransposed projection,
+QuickGELU, wrong heads, misplaced LayerNorm) misses by 0.02 or more, and that ``crop="pad"`` equals HPSv2's
+``preprocess_val`` bit for bit (it resizes the float tensor after ``ToTensor``: no 8-bit rounding, no clamping).
+open_clip needs torchvision, which cannot be installed beside this project's torch, so the golden data in
+``tests/data/hps_openclip_reference/`` is written in a separate environment (open_clip_torch 3.3.0)::
+
+    python3 -m venv /tmp/venv-openclip
+    /tmp/venv-openclip/bin/pip install torch==2.14.1 torchvision==0.29.1 open_clip_torch==3.3.0 numpy safetensors
+    /tmp/venv-openclip/bin/python tools/hps_openclip_reference.py
+
+``tests/test_reward_zoo.py`` also checks the conversion against a re-implementation of open_clip's forward.
 
 Offline conversion to a plain transformers directory (loads with ``CLIPModel.from_pretrained``)::
 

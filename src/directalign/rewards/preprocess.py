@@ -12,12 +12,21 @@ Every CLIP-family reward in the zoo was published with the same three steps on a
 
 HPSv2's published ``preprocess_val`` (open_clip ``image_transform(..., resize_longest_max=True)``) differs: it resizes
 the *longest* side to ``size`` (``round(dim * size / longest)``) and pads the short side with black to a square
-(``ResizeMaxSize``), see :func:`resize_longest_pad`. For square images both pipelines are a plain resize.
+(``ResizeMaxSize``), see :func:`resize_longest_pad`. For square images both pipelines are a plain resize. HPSv2 runs
+``ResizeMaxSize`` after ``ToTensor``, on the float tensor (torchvision's antialiased bicubic, no 8-bit rounding, no
+clipping), so that path is not clamped and equals HPSv2's to float precision
+(``tests/test_hps_openclip_reference.py``, against torchvision).
+
+SigLIP models (the Aesthetic Predictor v2.5 backbone, ``google/siglip-so400m-patch14-384``) are published with
+transformers' ``SiglipImageProcessor``: both sides resized to ``size`` (bicubic, aspect ratio not kept, no crop),
+scaled to [0, 1] and normalised with mean = std = 0.5, i.e. to [-1, 1]; see :func:`resize_square` (``crop="squash"``).
 
 Here the resize is ``F.interpolate(mode="bicubic", antialias=True)``, which uses PIL's bicubic kernel (a = -0.5)
 with PIL's support widening when downsampling, clamped to [0, 1] as PIL clips the kernel's overshoot to 8 bits, so
 it follows PIL up to PIL's 8-bit rounding: within 1.5/255 per pixel, 0.25/255 on average, on real images
-(``tests/test_reward_zoo.py``; measured 1.1/255 and 0.1/255). The official SRPO training code applies torchvision's
+(``tests/test_reward_zoo.py``; measured 1.1/255 and 0.1/255). PIL rounds and clips after each of its two separable
+passes, so at hard black / white edges a few pixels differ more (up to 24/255 on the synthetic images of
+``tests/data/hps_openclip_reference``, 0.4/255 on average). The official SRPO training code applies torchvision's
 ``Resize(224, bicubic) + CenterCrop(224) + Normalize`` to the decoded float tensor, i.e. the same without the clamp.
 """
 
@@ -29,7 +38,10 @@ import torch.nn.functional as F
 # OpenAI CLIP's normalisation: CLIP, PickScore, HPSv2, the LAION aesthetic predictor and ImageReward all use it.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-CROP_MODES = ("floor", "round", "pad")
+# SigLIP's normalisation (transformers' SiglipImageProcessor, the SigLIP checkpoints' preprocessor_config.json).
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+CROP_MODES = ("floor", "round", "pad", "squash")
 
 
 def _bicubic(images: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -66,15 +78,25 @@ def resize_center_crop(images: torch.Tensor, size: int, crop: str = "floor") -> 
 def resize_longest_pad(images: torch.Tensor, size: int) -> torch.Tensor:
     """open_clip's ``ResizeMaxSize(size, fill=0)``: longest side to ``size`` (bicubic), black padding split
     ``pad // 2`` before and the rest after. (open_clip skips the pad when the longest side already equals ``size``;
-    a non-square model input is never valid, so this pads in that case too.)"""
+    a non-square model input is never valid, so this pads in that case too.) HPSv2 applies it to the float tensor
+    after ``ToTensor`` (torchvision's antialiased bicubic), so the kernel's overshoot is kept, not clamped as PIL
+    would."""
     h, w = images.shape[-2:]
     scale = size / max(h, w)
     nh, nw = round(h * scale), round(w * scale)
     if (nh, nw) != (h, w):
-        images = _bicubic(images, nh, nw)
+        images = F.interpolate(images, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
     ph, pw = size - nh, size - nw
     if ph or pw:
         images = F.pad(images, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=0.0)
+    return images
+
+
+def resize_square(images: torch.Tensor, size: int) -> torch.Tensor:
+    """transformers' ``SiglipImageProcessor`` resize: (B, 3, H, W) -> (B, 3, size, size), each side scaled on its
+    own (bicubic, antialiased; a non-square image is squashed, nothing is cropped or padded)."""
+    if tuple(images.shape[-2:]) != (size, size):
+        images = _bicubic(images, size, size)
     return images
 
 
@@ -88,8 +110,10 @@ def published_preprocess(images: torch.Tensor, size: int, crop: str = "floor", m
                          std=CLIP_STD) -> torch.Tensor:
     """Images in [0, 1] (B, 3, H, W) -> the model's normalised input (B, 3, size, size), differentiable.
 
-    ``crop``: ``"floor"`` / ``"round"`` (shortest side + centre crop with that offset rule) or ``"pad"`` (longest side
-    + black padding, HPSv2's published transform)."""
+    ``crop``: ``"floor"`` / ``"round"`` (shortest side + centre crop with that offset rule), ``"pad"`` (longest side
+    + black padding, HPSv2's published transform) or ``"squash"`` (both sides to ``size``, SigLIP's processor)."""
     if crop == "pad":
         return normalize(resize_longest_pad(images, size), mean, std)
+    if crop == "squash":
+        return normalize(resize_square(images, size), mean, std)
     return normalize(resize_center_crop(images, size, crop), mean, std)
