@@ -126,6 +126,10 @@ def ws(random_world_dir, tmp_path_factory):
     weights = load_file(str(wfile))
     save_file({k: v + 0.01 for k, v in weights.items()}, str(wfile))
     (m / "empty-world").mkdir()
+    badtype = m / "bad-config-type"
+    shutil.copytree(world / "generator", badtype)
+    tcfg = badtype / "transformer" / "config.json"
+    tcfg.write_text(tcfg.read_text().replace('"num_layers": ', '"num_layers": "two", "_was": '))
 
     # run directories that cannot be written
     (root / "afile").write_text("a file, not a directory\n")
@@ -188,6 +192,8 @@ CASES = [
     Case("model-dir-missing", ["--set", "model.path={ws}/models/no-such-model"], ["no-such-model", "model.path"]),
     Case("model-dir-empty", ["--set", "model.path={ws}/models/empty-model"], ["empty-model", "model_index.json"]),
     Case("model-dir-is-a-reward", ["--set", "model.path={world}/reward"], ["reward", "model_index.json"]),
+    Case("model-config-wrong-type", ["--set", "model.path={ws}/models/bad-config-type"],
+         ["bad-config-type", "model.path"]),
     Case("model-not-cached-offline", ["--set", "model.path=nobody/no-such-model"],
          ["nobody/no-such-model", "model.path"]),
     Case("world-weights-missing", [], ["weights are missing", "rebuild them"],

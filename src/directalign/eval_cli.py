@@ -208,7 +208,7 @@ def _apply_transformer(adapter, path: Path) -> None:
                         "pass --base (or the run's config) with the model it was trained from")
     try:
         t = cls.from_pretrained(str(path), torch_dtype=adapter.dtype)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, TypeError) as e:
         raise EvalError(f"could not load the transformer in {str(path)!r}: {str(e).splitlines()[0]}") from None
     adapter.pipe.transformer = t.to(adapter.device).requires_grad_(False)
 

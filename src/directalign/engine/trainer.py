@@ -130,6 +130,10 @@ def load_adapter(cfg: Config, device: torch.device):
     except (OSError, ValueError) as e:
         raise TrainingError(f"could not load model.path {path!r} as a {family.pipeline}: "
                             f"{str(e).splitlines()[0]}") from None
+    except TypeError as e:  # diffusers builds the modules from config.json: a value of the wrong type lands here
+        raise TrainingError(f"could not load model.path {path!r} as a {family.pipeline}: a value in one of its "
+                            f"config.json files has the wrong type ({str(e).splitlines()[0]}); fix that file or "
+                            "re-save the model with save_pretrained") from None
 
 
 def load_reward(cfg: Config, device: torch.device):
@@ -139,7 +143,7 @@ def load_reward(cfg: Config, device: torch.device):
     r = cfg.reward
     try:
         reward = reward_from_config(r)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, TypeError) as e:  # TypeError: a config.json value of the wrong type
         where = "reward.terms.paths" if r.kind == "sum" else f"reward.path {r.path!r}"
         raise TrainingError(f"could not load {where} as reward.kind={r.kind}: {str(e).splitlines()[0]}") from None
     form = "absolute" if cfg.method == "direct-align" else r.form
