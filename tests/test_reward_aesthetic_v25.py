@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from directalign.engine.config import ConfigError, build_config
 from directalign.engine.trainer import TrainingError, load_reward
@@ -23,7 +22,7 @@ from directalign.rewards.aesthetic_v25 import HEAD_KEYS, AestheticV25Reward, loa
 from directalign.rewards.relative import semantic_relative_reward
 from directalign.rewards.weighted import WeightedSumReward
 from directalign.rewards.zoo import REWARD_KINDS, build_reward, reward_from_config
-from directalign.world import dataset as ds
+from image_helpers import real_images, to_pil
 
 PROMPTS = ["a red circle on a blue background", "a green square on a yellow background"]
 CPU = torch.device("cpu")
@@ -32,17 +31,6 @@ SIZE = 384  # as google/siglip-so400m-patch14-384
 
 
 # ============================================================================================ real images
-def real_images(h: int, w: int, n: int = 3, seed: int = 0) -> torch.Tensor:
-    """Rendered tiny-world scenes (shapes, checker textures) upscaled to (h, w), exactly representable in 8 bits."""
-    small = ds.render_batch(ds.sample_examples(n, seed))
-    big = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False).clamp(0, 1)
-    return torch.round(big * 255) / 255
-
-
-def to_pil(img: torch.Tensor) -> Image.Image:
-    return Image.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-
-
 def siglip_processor(size: int = SIZE):
     """transformers' SigLIP image processor with google/siglip-so400m-patch14-384's preprocessor_config.json values
     (PIL backend: the default torchvision backend needs torchvision, which this environment does not have)."""

@@ -36,7 +36,7 @@ from directalign.rewards.imagereward import IMAGEREWARD_MEAN, IMAGEREWARD_STD, I
 from directalign.rewards.pickscore import PickScoreReward
 from directalign.rewards.relative import semantic_relative_reward
 from directalign.rewards.weighted import Term, WeightedSumReward
-from directalign.world import dataset as ds
+from image_helpers import real_images, to_pil
 
 PROMPTS = ["a red circle on a blue background", "a green square on a yellow background"]
 WORDS = sorted({w for p in PROMPTS for w in p.split()} | {"textured", "flat", "detailed", "painting", "."})
@@ -73,17 +73,6 @@ def bert_tokenizer(max_length=35):
 
 
 # ============================================================================================ real images
-def real_images(h: int, w: int, n: int = 3, seed: int = 0) -> torch.Tensor:
-    """Rendered tiny-world scenes (shapes, checker textures) upscaled to (h, w), exactly representable in 8 bits."""
-    small = ds.render_batch(ds.sample_examples(n, seed))
-    big = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False).clamp(0, 1)
-    return torch.round(big * 255) / 255
-
-
-def to_pil(img: torch.Tensor) -> Image.Image:
-    return Image.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-
-
 def _normalise(arr: np.ndarray) -> torch.Tensor:
     x = torch.from_numpy(arr.astype(np.float32) / 255).permute(2, 0, 1)
     return pp.normalize(x[None])[0]
