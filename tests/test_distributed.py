@@ -33,12 +33,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(cfg_path: Path, world_dir: Path, steps: int, resume: bool = False) -> None:
+def _torchrun(cfg_path: Path, world_dir: Path, steps: int, resume: bool = False, launcher: str = "torchrun") -> None:
     env = dict(os.environ, DIRECTALIGN_WORLD_DIR=str(world_dir), OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "directalign", "train", "--config", str(cfg_path),
-           "--max-steps-this-session", str(steps)] + (["--resume"] if resume else [])
+    if launcher == "torchrun":
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                  "127.0.0.1", "--master_port", str(_free_port())]
+    else:  # accelerate's multi-process launcher (it starts torchrun's workers, on CPU too)
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+                  str(_free_port())]
+    cmd = launch + ["-m", "directalign", "train", "--config", str(cfg_path),
+                    "--max-steps-this-session", str(steps)] + (["--resume"] if resume else [])
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
 
@@ -144,3 +150,17 @@ def test_fsdp_run_finishes_with_an_export_of_the_trained_weights(random_world, t
     trained = _weights(run, 2)
     assert exported.keys() == trained.keys()
     assert all(torch.equal(exported[k], trained[k]) for k in trained)
+
+
+def test_accelerate_launch_runs_the_same_training(random_world, tmp_path):
+    """``accelerate launch`` sets the same environment as torchrun: its 2-process run equals torchrun's."""
+    runs = {}
+    for launcher in ("torchrun", "accelerate"):
+        run = tmp_path / launcher
+        cfg = build_config({}, SETTINGS + [f"run.output_dir={run}", "train.batch_size=1"])
+        (tmp_path / f"{launcher}.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+        _torchrun(tmp_path / f"{launcher}.yaml", random_world, steps=1, launcher=launcher)
+        runs[launcher] = _weights(run, 1)
+        assert json.loads((run / "checkpoints" / "step-00000001" / "state.json").read_text())["world_size"] == 2
+    a, b = runs["torchrun"], runs["accelerate"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stages", default="vae,generator,distill,reward")
     p.add_argument("--vae-steps", type=int, default=1200)
-    p.add_argument("--generator-steps", type=int, default=2500)
+    p.add_argument("--generator-steps", type=int, default=6000)
     p.add_argument("--distill-steps", type=int, default=600)
     p.add_argument("--reward-steps", type=int, default=2500)
     p.add_argument("--n-data", type=int, default=40000)
@@ -395,7 +395,8 @@ def main(argv: list[str] | None = None) -> None:
         teacher = FluxPipeline.from_pretrained(work / "teacher")
         comps = distill_guidance(dict(teacher.components), args.distill_steps, 64, args.seed, args.n_data // 2,
                                  args.eval_every // 2)
-        _pipeline(comps).save_pretrained(out / "generator")
+        # shards under 8 MB keep every shipped file small enough for any git host's limits
+        _pipeline(comps).save_pretrained(out / "generator", max_shard_size="6MB")
         rates = evaluate_generator(_pipeline(comps), n=256, guidance=3.5)
         LOG["generator_gate_quick"] = rates
         save_log()
