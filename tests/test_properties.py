@@ -270,6 +270,8 @@ def valid_overrides(draw) -> dict:
     simple = {k: v for k, v in simple.items() if k in LEAVES}
     for key in draw(st.sets(st.sampled_from(sorted(simple)), max_size=12)):
         out[key] = draw(simple[key])
+    if out.get("train.distributed") == "fsdp":  # FSDP shards full fine-tuning only
+        out["train.finetune"] = "full"
     if draw(st.booleans()):
         steps = draw(st.integers(2, 200))
         t0 = draw(st.integers(1, steps - 1))
