@@ -1,7 +1,7 @@
 """Every alignment method on the tiny world through the same engine: a table like the SRPO paper's Table 1 and a plot
 of held-out reward against the number of model evaluations (NFE).
 
-    python benchmarks/compare_methods.py                       # 7 methods x 3 seeds, about --budget-minutes 80
+    python benchmarks/compare_methods.py                       # 7 methods x 3 seeds, about 42 min (as documented)
     python benchmarks/compare_methods.py --plan-only           # calibrate, print the planned steps and time, stop
     python benchmarks/compare_methods.py --methods srpo,grpo --seeds 1 --steps all=20
 
@@ -461,8 +461,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
     p.add_argument("--seeds", type=int, default=3, help="training seeds per method (42, 43, ...); default 3")
-    p.add_argument("--budget-minutes", type=float, default=80.0,
-                   help="wall clock of the whole comparison; sets the steps of each run (default 80)")
+    p.add_argument("--budget-minutes", type=float, default=42.0,
+                   help="wall clock of the whole comparison; sets the steps of each run (default 42)")
     p.add_argument("--steps", action="append", default=[], metavar="METHOD=N",
                    help="fix a method's steps (repeatable; all=N for every method); skips its calibration")
     p.add_argument("--max-steps", type=int, default=0, help="cap on planned steps (default: each config's "

@@ -90,7 +90,10 @@ def test_two_processes_match_one_process_with_twice_the_batch(random_world, tmp_
 def test_two_process_resume_equals_uninterrupted(random_world, tmp_path, finetune):
     # full fine-tuning runs on FSDP2 and keeps an EMA, so sharded weights, optimizer moments and EMA all round-trip
     extra = [f"train.finetune={finetune}"] + (["train.ema_decay=0.5"] if finetune == "full" else [])
-    cfg_for = lambda run: build_config({}, SETTINGS + extra + [f"run.output_dir={run}", "train.batch_size=1"])  # noqa: E731
+
+    def cfg_for(run):
+        return build_config({}, SETTINGS + extra + [f"run.output_dir={run}", "train.batch_size=1"])
+
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     for run in (straight, resumed):
         (tmp_path / f"{run.name}.yaml").write_text(yaml.safe_dump(cfg_for(run).to_dict()))
@@ -100,7 +103,8 @@ def test_two_process_resume_equals_uninterrupted(random_world, tmp_path, finetun
     a, b = _weights(straight, 2), _weights(resumed, 2)
     assert all(torch.equal(a[k], b[k]) for k in a)
     if finetune == "full":
-        ema_a, ema_b = (load_file(str(r / "checkpoints" / "step-00000002" / "ema.safetensors")) for r in (straight, resumed))
+        ema_a, ema_b = (load_file(str(r / "checkpoints" / "step-00000002" / "ema.safetensors"))
+                        for r in (straight, resumed))
         assert ema_a.keys() == a.keys() and all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
         opt_a, opt_b = (torch.load(r / "checkpoints" / "step-00000002" / "optimizer.pt", weights_only=True)
                         for r in (straight, resumed))

@@ -13,6 +13,10 @@ Stages (each writes its result before the next starts; ``--stages`` reruns a sub
    words as suffixes or as SRPO ``"<word>. "`` prefixes; colours sometimes left out), with one-attribute-swapped
    captions as hard negatives.
 
+The reward does not depend on the other stages: with ``--threads 2`` or more (and ``--parallel``, the default) it
+trains in a second process on one thread while the VAE -> generator -> distillation chain uses the rest, so the
+single command takes about as long as the chain.
+
 The output directory holds ``generator/`` (diffusers format, loadable with ``FluxPipeline.from_pretrained``),
 ``reward/`` (``CLIPModel.from_pretrained``) and ``build_log.json``.
 """
@@ -23,7 +27,10 @@ import argparse
 import copy
 import json
 import math
+import os
 import random
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -367,7 +374,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-data", type=int, default=40000)
     p.add_argument("--eval-every", type=int, default=1000)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--parallel", action=argparse.BooleanOptionalAction, default=True,
+                   help="train the reward in a second one-thread process while the other stages run (needs "
+                        "--threads >= 2 and the reward stage plus another one)")
+    p.add_argument("--log-file", type=Path, help=argparse.SUPPRESS)  # the parallel reward process's own log
     args = p.parse_args(argv)
+    t_start = time.time()
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
     stages = set(args.stages.split(","))
@@ -375,13 +387,24 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     work = out / "_work"
     work.mkdir(exist_ok=True)
-    log_path = out / "build_log.json"
+    log_path = args.log_file or out / "build_log.json"
     if log_path.exists():
         LOG.update(json.loads(log_path.read_text()))
-    LOG["command"] = "python -m directalign.world.build " + " ".join(argv or __import__("sys").argv[1:])
+    LOG["command"] = "python -m directalign.world.build " + " ".join(argv or sys.argv[1:])
 
     def save_log():
         log_path.write_text(json.dumps(LOG, indent=1))
+
+    reward_proc = None
+    if args.parallel and "reward" in stages and stages & {"vae", "generator", "distill"} and args.threads >= 2:
+        reward_log = work / "reward_log.json"
+        reward_log.unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "directalign.world.build", "--out", str(out), "--stages", "reward",
+               "--threads", "1", "--seed", str(args.seed), "--reward-steps", str(args.reward_steps),
+               "--log-file", str(reward_log), "--no-parallel"]
+        reward_proc = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        stages = stages - {"reward"}
+        torch.set_num_threads(args.threads - 1)
 
     if "vae" in stages:
         train_vae(args.vae_steps, 32, args.seed).save_pretrained(work / "vae")
@@ -404,6 +427,13 @@ def main(argv: list[str] | None = None) -> None:
         model, tok = train_reward(args.reward_steps, 128, args.seed)
         model.save_pretrained(out / "reward")
         tok.save_pretrained(out / "reward")
+        save_log()
+    if reward_proc is not None:
+        if reward_proc.wait() != 0:
+            raise SystemExit(f"the reward stage failed (exit {reward_proc.returncode}); its output is above")
+        LOG["reward"] = json.loads(reward_log.read_text())["reward"]
+    if args.log_file is None:
+        LOG["total_seconds"] = time.time() - t_start
         save_log()
 
 
