@@ -462,3 +462,22 @@ def test_yaml_no_sets_the_no_choice(tmp_path):
     assert load_config(f).train.mixed_precision == "no"
     with pytest.raises(ConfigError, match="train.mixed_precision"):
         build_config({}, ["train.mixed_precision=yes"])  # not a choice
+
+
+@settings(max_examples=300, deadline=None)
+@given(lo=st.floats(-1e6, 1e6), span=st.floats(1e-6, 1e6))
+def test_nice_ticks_cover_the_range(lo, span):
+    """Chart axes run from the first tick to the last, so the ticks must cover every value plotted."""
+    from directalign.report import nice_ticks
+
+    hi = lo + span
+    ticks = nice_ticks(lo, hi)
+    assert ticks[0] <= lo + 1e-9 * max(1.0, abs(lo)) and ticks[-1] >= hi - 1e-9 * max(1.0, abs(hi))
+    assert 2 <= len(ticks) <= 12 and ticks == sorted(ticks)
+
+
+def test_nice_ticks_reach_a_value_just_above_a_round_tick():
+    """The method comparison's plot lost its top point this way: 0.787 above ticks ending at 0.78."""
+    from directalign.report import nice_ticks
+
+    assert nice_ticks(0.7255, 0.787)[-1] >= 0.787

@@ -47,7 +47,8 @@ def nice_ticks(lo: float, hi: float, n: int = 5, integer: bool = False) -> list[
         step = max(1, math.ceil(step))
     start = math.floor(lo / step) * step
     ticks, v = [], start
-    while v <= hi + step * 0.5 and len(ticks) < 50:
+    # until a tick reaches hi: the axis ends on the last tick, so a value above it would be drawn off the chart
+    while (len(ticks) < 2 or ticks[-1] < hi - step * 1e-9) and len(ticks) < 50:
         ticks.append(round(v, 12))
         v += step
     return ticks
