@@ -26,5 +26,25 @@ def test_single_command_builds_every_stage_with_the_reward_in_parallel(tmp_path)
     assert pipe.transformer.config.guidance_embeds
     shards = list((tmp_path / "generator" / "transformer").glob("*.safetensors"))
     assert shards and all(f.stat().st_size < 8 * 2**20 for f in shards)
+    for config in (tmp_path / "generator").glob("*/config.json"):  # no trace of the build's scratch directory
+        assert "_name_or_path" not in json.loads(config.read_text()), config
     reward = CLIPModel.from_pretrained(tmp_path / "reward")
     assert torch.isfinite(reward.logit_scale)
+
+
+@pytest.mark.slow
+def test_the_same_command_writes_the_same_weights(tmp_path):
+    """Every stage runs at a fixed thread count (never one that depends on when the parallel reward process ends), so
+    two runs of the command write identical weight files."""
+    args = ["--vae-steps", "3", "--generator-steps", "3", "--distill-steps", "3", "--reward-steps", "3",
+            "--n-data", "64", "--eval-every", "0", "--threads", "2"]
+    for name in ("first", "second"):
+        build.LOG.clear()
+        build.main(["--out", str(tmp_path / name), *args])
+    first = sorted(p.relative_to(tmp_path / "first") for p in (tmp_path / "first").rglob("*.safetensors")
+                   if "_work" not in p.parts)
+    second = sorted(p.relative_to(tmp_path / "second") for p in (tmp_path / "second").rglob("*.safetensors")
+                    if "_work" not in p.parts)
+    assert first == second and len(first) >= 5  # vae, transformer, two text encoders, reward
+    for rel in first:
+        assert (tmp_path / "first" / rel).read_bytes() == (tmp_path / "second" / rel).read_bytes(), rel

@@ -34,6 +34,8 @@ def test_shipped_weights_are_small_and_complete():
     assert not (root / "_work").exists(), "build intermediates must not ship"
     log = json.loads((root / "build_log.json").read_text())
     assert {"vae", "generator", "distill", "reward"} <= set(log)
+    # the shipped files are what the single build command wrote (no --stages), and it recorded its wall clock
+    assert "--stages" not in log["command"] and 0 < log["total_seconds"] < 90 * 60
 
 
 def test_plain_diffusers_loads_and_generates_offline():
