@@ -168,3 +168,21 @@ def test_accelerate_launch_runs_the_same_training(random_world, tmp_path):
         assert json.loads((run / "checkpoints" / "step-00000001" / "state.json").read_text())["world_size"] == 2
     a, b = runs["torchrun"], runs["accelerate"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fsdp_bf16_computes_in_bf16_on_float32_shards(random_world, tmp_path):
+    """``train.mixed_precision=bf16`` under FSDP2: parameters are gathered in bf16 for compute and gradients reduced
+    in float32, so the checkpoint keeps float32 weights that differ from the float32 run (bf16 ran) by no more than
+    one Adam step can move a weight (lr, with adam_eps > 0 and no weight decay)."""
+    runs = {}
+    for mp in ("no", "bf16"):
+        run = tmp_path / mp
+        cfg = build_config({}, SETTINGS + ["train.finetune=full", f"run.output_dir={run}", "train.batch_size=1",
+                                           f"train.mixed_precision={mp}", "train.weight_decay=0"])
+        (tmp_path / f"{mp}.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+        _torchrun(tmp_path / f"{mp}.yaml", random_world, steps=1)
+        runs[mp] = _weights(run, 1)
+    full, mixed = runs["no"], runs["bf16"]
+    assert full.keys() == mixed.keys() and all(t.dtype == torch.float32 for t in mixed.values())
+    diff = max((full[k] - mixed[k]).abs().max().item() for k in full)
+    assert 0 < diff <= 1e-3 + 1e-6, diff

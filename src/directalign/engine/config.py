@@ -210,7 +210,7 @@ class TrainConfig:
     lora_targets: list[str] = field(default_factory=list)  # empty: the adapter's defaults
     gradient_checkpointing: bool = False
     vae_checkpointing: bool = False
-    mixed_precision: str = "no"  # no | bf16 (autocast on CUDA only)
+    mixed_precision: str = "no"  # no | bf16: transformer computes in bf16, weights keep model.dtype
     on_nonfinite: str = "skip"  # skip (log and skip the step) | abort
     seed: int = 42
     prompts: str = "tiny-world:train"  # tiny-world:train | path to .txt / .jsonl / .csv

@@ -22,6 +22,7 @@ import torch
 
 from .. import __version__
 from . import checkpoint as ckpt
+from . import precision
 from .config import Config
 
 
@@ -405,9 +406,12 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, max_steps_
     t = cfg.train
     fsdp = dist_utils.uses_fsdp(t.finetune, t.distributed, info)
     plain_transformer_class = type(adapter.transformer)
+    bf16_compute = precision.compute_dtype(t.mixed_precision)
     if fsdp:
-        dist_utils.shard_full_model(adapter.transformer, info)
+        dist_utils.shard_full_model(adapter.transformer, info, bf16_compute)
         params = [p for p in adapter.transformer.parameters() if p.requires_grad]  # now DTensor shards
+    elif bf16_compute is not None:
+        precision.autocast_forward(adapter.transformer, bf16_compute)
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, betas=tuple(t.adam_betas), eps=t.adam_eps,
                                   weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.lr_schedule, t.warmup_steps, t.steps))
@@ -584,6 +588,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, max_steps_
         weights = dist_utils.full_model_state(adapter.transformer)
         if info.is_main:
             adapter.pipe.transformer = unsharded(plain_transformer_class, adapter.transformer, weights)
+    else:  # the held-out evaluation after training computes as the one before it did, in the weights' dtype
+        precision.restore_forward(adapter.transformer)
     if not info.is_main:
         dist_utils.barrier(info)
         return RunResult(run_dir, {"step": step}, adapter)
