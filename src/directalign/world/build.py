@@ -17,7 +17,8 @@ Schedule. The reward does not depend on the other stages: with ``--threads 2`` o
 default) the VAE trains first on every thread, then the reward trains in a second process on one thread while the
 generator -> distillation chain uses the rest. Each stage runs at a fixed thread count, never one that depends on
 when another process finishes, because CPU kernels round differently at different thread counts: the same command
-on the same machine writes the same bytes. With the defaults the single command takes about 85 minutes on 2 cores.
+on the same machine writes the same bytes. With the defaults the single command took 87.5 minutes on 2 idle cores
+(docs/tiny-world.md).
 
 The output directory holds ``generator/`` (diffusers format, loadable with ``FluxPipeline.from_pretrained``),
 ``reward/`` (``CLIPModel.from_pretrained``) and ``build_log.json``.
@@ -406,7 +407,7 @@ def main(argv: list[str] | None = None) -> None:
     def save_log():
         log_path.write_text(json.dumps(LOG, indent=1))
 
-    if "vae" in stages:  # on every thread: nothing else is ready to run beside it but the reward
+    if "vae" in stages:  # first, on every thread; the reward starts after it, so no stage shares a core by chance
         train_vae(args.vae_steps, 32, args.seed).save_pretrained(work / "vae")
         save_log()
 
