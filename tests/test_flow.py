@@ -101,7 +101,7 @@ def test_draw_window_matches_official_indexing():
     seen = set()
     for _ in range(300):
         d = flow.draw_window(grid, 0.9, g, margin=5)
-        assert 5 <= d.m <= 994
+        assert 5 <= d.m <= 995
         assert d.k_steps == min(1000 - d.m, 100, d.m)
         assert d.denoise_query == grid[1000 - d.m - d.k_steps].item()
         assert d.denoise_target == grid[1000 - d.m].item()
@@ -116,6 +116,37 @@ def test_draw_window_matches_official_indexing():
              if flow.draw_window(grid, 0.9, torch.Generator().manual_seed(s)).k_steps == 100)
     assert d.delta_sigma == pytest.approx(100 * (grid[0] - grid[-1]).item() / 999, rel=1e-9)
     assert d.delta_sigma == pytest.approx(0.02145, abs=1e-4)
+
+
+@pytest.mark.parametrize("n, margin, ratio", [(12, 2, 0.9), (12, 2, 0.5), (14, 3, 0.0), (4, 1, 0.5)])
+def test_draw_window_covers_margin_to_n_minus_margin_inclusive(n, margin, ratio):
+    """m ~ U{margin, ..., n - margin}, both ends included, as the official ``random.randint(5, 1000 - 5)``
+    (Tencent-Hunyuan/SRPO, fastvideo/SRPO.py); every grid index is valid at both ends."""
+    grid = flow.training_sigma_grid(50, 3.0, 5, 25, n)
+    big_k = flow.model_share_steps(n, ratio)
+    draws = {}
+    for seed in range(400):
+        d = flow.draw_window(grid, ratio, torch.Generator().manual_seed(seed), margin=margin)
+        draws.setdefault(d.m, d)
+    assert set(draws) == set(range(margin, n - margin + 1))
+    for m in (margin, n - margin):
+        d = draws[m]
+        assert d.k_steps == min(n - m, big_k, m) >= 1
+        assert d.m_inversion == max(m - d.k_steps, 1)
+        indices = (n - m - d.k_steps, n - m, n - d.m_inversion, n - d.m_inversion - d.k_steps)
+        assert all(0 <= i <= n - 1 for i in indices), (m, indices)
+        assert (d.denoise_query, d.denoise_target, d.inversion_query, d.inversion_target) == tuple(
+            grid[i].item() for i in indices)
+        assert d.denoise_query > d.denoise_target and d.inversion_query < d.inversion_target
+    # at the late end the clamp k = n - m = margin makes the denoise query the grid's first (noisiest) point
+    assert draws[n - margin].k_steps == min(margin, big_k)
+    if big_k >= margin:
+        assert draws[n - margin].denoise_query == grid[0].item()
+
+
+def test_draw_window_rejects_a_zero_margin():
+    with pytest.raises(ValueError, match="margin"):
+        flow.draw_window(torch.linspace(1, 0, 10), 0.9, torch.Generator().manual_seed(0), margin=0)
 
 
 def test_ramps_and_discounts():

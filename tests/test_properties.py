@@ -148,7 +148,7 @@ def test_draw_window_invariants(d):
     grid = flow.training_sigma_grid(steps, s, t0, t1, n)
     w = flow.draw_window(grid, ratio, torch.Generator().manual_seed(seed), margin=margin)
     big_k = flow.model_share_steps(n, ratio)
-    assert margin <= w.m <= n - margin - 1
+    assert margin <= w.m <= n - margin  # inclusive, as the official randint(5, N - 5)
     assert w.k_steps == min(n - w.m, big_k, w.m) and w.k_steps >= 1
     assert w.m_inversion == max(w.m - w.k_steps, 1)
     # the sigmas are grid points at the documented indices

@@ -13,9 +13,9 @@ from pathlib import Path
 
 
 def load_config(source: str | Path | dict | None = None, overrides: list[str] | None = None):
-    """A validated :class:`directalign.engine.config.Config` from a shipped config name, a YAML path or a dict."""
-    from .cli import resolve_config_path
-    from .engine.config import build_config, load_yaml
+    """A validated :class:`directalign.config.Config` from a shipped config name, a YAML path or a dict."""
+    from .config import build_config, resolve_config_path
+    from .engine.config import load_yaml
 
     if isinstance(source, dict):
         return build_config(source, overrides)
@@ -24,8 +24,8 @@ def load_config(source: str | Path | dict | None = None, overrides: list[str] | 
 
 def train(config=None, *, resume: bool = False, overwrite: bool = False, log=print):
     """Train from a Config (or anything :func:`load_config` accepts); returns a ``RunResult``."""
-    from .engine.config import Config
-    from .engine.trainer import train as _train
+    from .config import Config
+    from .training import train as _train
 
     cfg = config if isinstance(config, Config) else load_config(config)
     return _train(cfg, resume=resume, overwrite=overwrite, log=log)

@@ -21,36 +21,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from importlib import resources
-from pathlib import Path
 
 EXIT_USER_ERROR = 2
 
 
-def packaged_config(name: str) -> Path:
-    return Path(str(resources.files("directalign"))) / "configs" / f"{name}.yaml"
-
-
-def resolve_config_path(value: str | None) -> Path:
-    """A path, or the name of a shipped config (``tiny-srpo``, ``flux-dev-srpo-hpsv2``, ...)."""
-    if value is None:
-        return packaged_config("tiny-srpo")
-    p = Path(value)
-    if p.exists() or p.suffix in (".yaml", ".yml"):
-        return p
-    shipped = packaged_config(value)
-    return shipped if shipped.is_file() else p
-
-
 def _user_errors():
-    from .data import DataError
-    from .engine.checkpoint import CheckpointError
-    from .engine.config import ConfigError
-    from .engine.trainer import TrainingError
-    from .eval_cli import EvalError
-    from .prompts import PromptError
+    from .errors import UserError
 
-    return (ConfigError, TrainingError, PromptError, CheckpointError, DataError, EvalError, FileNotFoundError)
+    return (UserError, FileNotFoundError)
 
 
 def _error(message: str) -> None:
@@ -59,8 +37,8 @@ def _error(message: str) -> None:
 
 
 def cmd_train(args) -> int:
-    from .engine.config import load_config
-    from .engine.trainer import train
+    from .config import load_config, resolve_config_path
+    from .training import train
 
     cfg = load_config(resolve_config_path(args.config), args.set)
     if args.print_config:

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from .errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Offline data that cannot be used; the message names the file and the fix."""
 
 

@@ -35,9 +35,10 @@ import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from .errors import UserError
 
 
-class EvalError(ValueError):
+class EvalError(UserError, ValueError):
     """A user error in sample / eval / compare / report; the message says what to fix."""
 
 
@@ -124,7 +125,7 @@ def _is_transformer_dir(p: Path) -> bool:
 
 def resolve_model(spec: str, settings_cfg=None, base: str | None = None) -> ModelRef:
     """What ``spec`` names (nothing is loaded). ``base`` is the base for bare transformer / LoRA directories."""
-    from .engine.config import load_config
+    from .config import load_config
 
     if spec == "tiny-world":
         return ModelRef(spec, "tiny-world", "tiny-world", "tiny-world")
@@ -160,15 +161,15 @@ def resolve_model(spec: str, settings_cfg=None, base: str | None = None) -> Mode
 
 def load_model(ref: ModelRef, cfg):
     """The adapter of the model's family for ``ref`` with the dtype and device of ``cfg.model``."""
-    from .adapters.loading import family_of_dir
-    from .engine.trainer import load_adapter, resolve_device
+    from .adapters.loading import family_of_dir, load_adapter
+    from .engine.finetune import DTYPES, resolve_device
 
     c = copy.deepcopy(cfg)
     c.model.path = ref.base
     if ref.kind in ("pipeline", "transformer", "lora"):  # a local base directory says which family it is
         c.model.family = family_of_dir(Path(ref.base).expanduser()) or c.model.family
     device = resolve_device(c.model.device)
-    adapter = load_adapter(c, device)
+    adapter = load_adapter(c.model, device, DTYPES[c.model.dtype])
     if ref.kind == "run":
         lora, trans = ref.run_dir / "export" / "lora", ref.run_dir / "export" / "transformer"
         if lora.is_dir() and any(lora.glob("*.safetensors")):
@@ -217,8 +218,7 @@ def _apply_transformer(adapter, path: Path) -> None:
 def settings_config(config: str | None, refs: list[ModelRef], overrides: dict):
     """The Config every model of one command is generated and scored with, plus whether it defines a training
     reward (it does when it comes from a file, a run, or the shipped tiny-srpo config)."""
-    from .cli import packaged_config, resolve_config_path
-    from .engine.config import Config, load_config
+    from .config import Config, load_config, packaged_config, resolve_config_path
 
     if config is not None:
         cfg, trained = load_config(resolve_config_path(config)), True
@@ -237,7 +237,7 @@ def settings_config(config: str | None, refs: list[ModelRef], overrides: dict):
             continue
         section, name = key.split(".")
         setattr(getattr(cfg, section), name, value)
-    from .engine.config import validate
+    from .config import validate
 
     validate(cfg)
     return cfg, trained
@@ -262,51 +262,76 @@ class RewardSpec:
     negative: str
 
 
-def _load_clip(path: str, **kwargs):
-    from .rewards.clip import CLIPReward
+def _load_registered(kind: str, path: str, cfg, spec: str):
+    """The reward of an ``--rewards KIND:PATH`` spec, built by the factory training uses
+    (:func:`directalign.rewards.registry.make_reward`) with the run's reward settings: ``reward.dtype``, the
+    backbones, ``reward.clamp_resized``, and ``reward.tokenizer`` only when KIND is the run's own kind (it names a
+    tokenizer of that kind). Scores are raw (divisor 1, plain cosine for ``clip``) except PickScore, divided by 20
+    as in the official SRPO code."""
+    import dataclasses
 
+    from .rewards.pickscore import SRPO_DIVISOR
+    from .rewards.registry import make_reward, options_from_config
+
+    r = cfg.reward
+    own_kind = kind == r.kind or kind in r.terms.kinds
+    options = dataclasses.replace(options_from_config(r), divisor=SRPO_DIVISOR if kind == "pickscore" else 1.0,
+                                  use_logit_scale=False, tokenizer=r.tokenizer if own_kind else "")
     try:
-        return CLIPReward.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as e:
-        raise EvalError(f"could not load reward {path!r} as a transformers CLIP model: "
-                        f"{str(e).splitlines()[0]}") from None
+        return make_reward(kind, path, options)
+    except (OSError, ValueError, TypeError) as e:  # TypeError: a config.json value of the wrong type
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise EvalError(f"--rewards {spec!r}: could not load {path!r} as reward kind {kind}: {first}") from None
+
+
+def _spec_name(kind: str, path: str) -> str:
+    if kind == "clip":
+        return f"clip-{Path(path).name or path}"
+    return kind
 
 
 def training_reward_model(cfg):
-    """The reward model of ``cfg.reward`` (the one the run trained against), on ``cfg.model.device``."""
-    from .engine.trainer import load_reward, resolve_device
+    """The reward model of ``cfg.reward`` (the one the run trained against), loaded as training loads it (the
+    registry's :func:`~directalign.rewards.registry.load_reward`, checked against the method's held-out form), on
+    ``cfg.model.device``."""
+    from .engine.finetune import resolve_device
+    from .methods.registry import METHODS
+    from .rewards.registry import load_reward
 
-    return load_reward(cfg, resolve_device(cfg.model.device))
+    form = METHODS[cfg.method].held_out_form(cfg)[0]
+    return load_reward(cfg.reward, resolve_device(cfg.model.device), form)
 
 
 def load_rewards(specs: list[str], cfg, trained: bool, relative_words: list[str] | None,
                  train_model=None) -> list[RewardSpec]:
-    from .engine.trainer import resolve_device
+    """The rewards of ``--rewards`` specs: ``train`` (the run's own reward, as training loads it), ``tiny-world``,
+    or ``KIND:PATH`` for any kind of the reward registry (:data:`directalign.rewards.registry.LOADERS`)."""
+    from .engine.finetune import resolve_device
+    from .rewards.registry import LOADERS
 
     device = resolve_device(cfg.model.device)
+    path_kinds = [k for k in LOADERS if k != "tiny-world"]
     out: list[RewardSpec] = []
     for spec in specs:
         spec = spec.strip()
         kind, _, path = spec.partition(":")
+        kind, path = kind.strip(), path.strip()
         if kind == "train":
             if not trained:
                 raise EvalError("--rewards train needs a run or --config that defines the training reward")
             model = train_model if train_model is not None else training_reward_model(cfg)
-            is_world = cfg.reward.kind == "tiny-world"
-            name = "tiny-world" if is_world else f"clip-{Path(cfg.reward.path).name or cfg.reward.path}"
+            is_world, name = cfg.reward.kind == "tiny-world", _spec_name(cfg.reward.kind, cfg.reward.path)
         elif kind == "tiny-world" and not path:
-            from .world.load import load_reward as load_tiny
-
-            model, is_world, name = load_tiny().to(device), True, "tiny-world"
-        elif kind in ("clip", "hpsv2", "pickscore") and path:
+            model, is_world, name = _load_registered(kind, kind, cfg, spec).to(device), True, kind
+        elif kind in path_kinds and path:
             if not Path(path).expanduser().exists() and (path.startswith((".", "/", "~")) or path.count("/") != 1):
-                raise EvalError(f"--rewards {spec!r}: {path!r} does not exist; give a transformers CLIP directory")
-            kw = {"use_logit_scale": True, "divisor": 20.0} if kind == "pickscore" else {}
-            model = _load_clip(str(Path(path).expanduser()), name=kind, **kw).to(device)
-            is_world, name = False, f"{kind}-{Path(path).name}" if kind == "clip" else kind
+                raise EvalError(f"--rewards {spec!r}: {path!r} does not exist; give the {kind} weights (a local "
+                                "path or a hub id; directalign.rewards.zoo lists what each kind loads)")
+            model = _load_registered(kind, str(Path(path).expanduser()), cfg, spec).to(device)
+            is_world, name = False, _spec_name(kind, path)
         else:
-            raise EvalError(f"--rewards: unknown reward {spec!r}; use train, tiny-world, clip:PATH, hpsv2:PATH or "
-                            "pickscore:PATH")
+            raise EvalError(f"--rewards: unknown reward {spec!r}; use train, tiny-world or KIND:PATH with KIND one "
+                            f"of {', '.join(path_kinds)}")
         if relative_words:
             pos, neg = relative_words
         else:

@@ -1,8 +1,9 @@
 """Held-out evaluation of a generator under the reward a run optimises, plus the tiny world's analytic judge.
 
 "Reward" here is the training reward evaluated on held-out prompts and fixed seeds: for SRPO the relative form with
-the run's control words (averaged over every positive x negative pair; k = the mean of ``discount_pos`` in the
-official and paper forms, 0 in the multiplicative mode), for plain Direct-Align the absolute score.
+the run's control words (averaged over every positive x negative pair; SRPO: k = the mean of ``discount_pos`` in the
+official and paper forms, 0 in the multiplicative mode; other methods: ``reward.relative_k``), for plain
+Direct-Align the absolute score.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .methods.registry import METHODS
 from .methods.sampling import generate
 from .rewards.relative import combine, control_prompt
 
@@ -25,19 +27,18 @@ class EvalResult:
     judge: dict | None
 
 
-def eval_k(cfg) -> float:
-    s = cfg.srpo
-    return 0.0 if s.discount_mode == "multiplicative" else (s.discount_pos[0] + s.discount_pos[1]) / 2
+def held_out_form(cfg) -> tuple[str, float]:
+    """(form, k) of the run's held-out reward: what its method optimises (see each MethodSpec's held_out_form)."""
+    return METHODS[cfg.method].held_out_form(cfg)
 
 
 @torch.no_grad()
 def training_reward(reward, images: torch.Tensor, prompts: list[str], cfg) -> torch.Tensor:
     """The run's reward of each image (N,), as defined in the module docstring."""
     state = reward.encode_images(images)
-    form = "absolute" if cfg.method == "direct-align" else cfg.reward.form
+    form, k = held_out_form(cfg)
     if form == "absolute":
         return reward.score_texts(state, prompts).float().cpu()
-    k = eval_k(cfg)
     total = torch.zeros(len(prompts))
     pairs = [(p, n) for p in cfg.reward.positive_words for n in cfg.reward.negative_words]
     for pos_word, neg_word in pairs:
@@ -60,7 +61,7 @@ def eval_slots(prompts: list[str], seeds: list[int]) -> tuple[list[str], list[in
 def evaluate(adapter, reward, cfg, prompts: list[str], judge_world: bool) -> EvalResult:
     e, m = cfg.eval, cfg.model
     slot_prompts, slot_seeds = eval_slots(prompts, e.seeds)
-    images = generate(adapter, slot_prompts, slot_seeds, e.steps, cfg.srpo.shift, e.guidance, m.height, m.width,
+    images = generate(adapter, slot_prompts, slot_seeds, e.steps, cfg.sampling.shift, e.guidance, m.height, m.width,
                       e.batch_size)
     rewards = _score_in_chunks(reward, images, slot_prompts, cfg)
     judge = None
@@ -78,7 +79,7 @@ def best_of_n(adapter, reward, cfg, prompts: list[str], n: int) -> float:
     best = None
     for j in range(n):
         seeds = [s + 100_003 * j for s in slot_seeds]
-        images = generate(adapter, slot_prompts, seeds, e.steps, cfg.srpo.shift, e.guidance, m.height, m.width,
+        images = generate(adapter, slot_prompts, seeds, e.steps, cfg.sampling.shift, e.guidance, m.height, m.width,
                           e.batch_size)
         r = _score_in_chunks(reward, images, slot_prompts, cfg)
         best = r if best is None else torch.maximum(best, r)

@@ -151,11 +151,21 @@ class WindowDraw:
 
 def draw_window(grid: torch.Tensor, groundtruth_ratio: float, generator: torch.Generator,
                 margin: int = 5) -> WindowDraw:
-    """Draw the position ``m ~ U{margin, ..., n - margin - 1}`` and clamp K as the official code does."""
+    """Draw the position ``m ~ U{margin, ..., n - margin}`` (both ends included) and clamp K as the official code does.
+
+    The official SRPO script (Tencent-Hunyuan/SRPO, ``fastvideo/SRPO.py``) draws
+    ``random.randint(5, timestep_length - 5)``, inclusive, so m runs over 5..995 for n = 1000; here ``margin``
+    plays the 5. Every grid index stays in ``[0, n - 1]`` for ``margin >= 1``, including at the new end
+    ``m = n - margin``: the clamp ``k = min(n - m, K, m)`` keeps ``n - m - k >= 0`` (there ``k <= margin``) and
+    ``n - m_inversion - k >= 0`` (``n - m`` unclamped, ``n - 1 - k`` with ``k <= m <= n - 1`` clamped), and
+    ``m, m_inversion >= 1`` keep ``n - m`` and ``n - m_inversion`` at most ``n - 1``.
+    """
     n = len(grid)
+    if margin < 1:
+        raise ValueError(f"margin must be >= 1, got {margin}")
     if n < 2 * margin + 2:
         raise ValueError(f"the training grid needs at least {2 * margin + 2} points, got {n}")
-    m = int(torch.randint(margin, n - margin, (1,), generator=generator))
+    m = int(torch.randint(margin, n - margin + 1, (1,), generator=generator))
     k = min(n - m, model_share_steps(n, groundtruth_ratio), m)
     m2 = max(m - k, 1)
     return WindowDraw(

@@ -14,12 +14,13 @@ import csv
 import io
 import json
 from pathlib import Path
+from .errors import UserError
 
 MAX_PROMPT_FILE_BYTES = 50 * 1024 * 1024
 MAX_PROMPT_CHARS = 2000
 
 
-class PromptError(ValueError):
+class PromptError(UserError, ValueError):
     """A prompt source that cannot be used; the message names the file and the fix."""
 
 

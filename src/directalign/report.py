@@ -24,6 +24,8 @@ import math
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .errors import UserError
+
 GRID_PAD = 2  # report_images.save_grid's layout: white padding, nearest upscaling, ncol = seeds x 4 (trainer)
 GRID_UPSCALE = 3
 GRID_PROMPTS_PER_ROW = 4
@@ -274,7 +276,8 @@ def render_report(run_dir: Path) -> str:
     """The report's HTML for ``run_dir`` (see the module docstring)."""
     from PIL import Image
 
-    from .engine.config import ConfigError, load_config
+    from .config import load_config
+    from .engine.config import ConfigError
     from .logging_utils import read_metrics
     from .prompts import PromptError, load_prompts
 
@@ -381,13 +384,15 @@ def render_report(run_dir: Path) -> str:
             + "\n".join(body) + "\n</body></html>\n")
 
 
+class ReportError(UserError, ValueError):
+    """The report cannot be written; the message says why and what to do."""
+
+
 def write_report(run_dir, out=None) -> Path:
     """Write ``report.html`` for the run in ``run_dir`` (or to ``out``) and return its path."""
-    from .eval_cli import EvalError
-
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
-        raise EvalError(f"{str(run_dir)!r} is not a run directory (no config.yaml); give the run.output_dir of a "
+        raise ReportError(f"{str(run_dir)!r} is not a run directory (no config.yaml); give the run.output_dir of a "
                         "training run")
     path = Path(out) if out is not None else run_dir / "report.html"
     text = render_report(run_dir)

@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import TrainingError
+
 
 @dataclass(frozen=True)
 class Family:
@@ -80,3 +82,39 @@ def check_model_dir(path: str | Path, family: str) -> None:
             missing.append(f"{name} (no config.json or weights)")
     if missing:
         raise ValueError(f"{root} is missing what a {fam.pipeline} needs: {', '.join(missing)}")
+
+
+def load_adapter(model_cfg, device, dtype):
+    """The generator of ``model.family`` (a registered family) from ``model.path`` (tiny-world, a hub id or a local
+    diffusers directory), in ``dtype`` on ``device``; a path that cannot serve is a one-line :class:`TrainingError`."""
+    m = model_cfg
+    path = m.path
+    if path == "tiny-world":
+        if m.family != "flux":
+            raise TrainingError(f"model.path=tiny-world is a FLUX-family model, but model.family={m.family}; set "
+                                "model.family=flux or point model.path at a model of that family")
+        from ..world.load import load_pipeline
+        from .flux import FluxAdapter
+
+        return FluxAdapter(load_pipeline(dtype).to(device), m.max_sequence_length or None)
+    family = FAMILIES[m.family]
+    p = Path(path).expanduser()
+    if path.startswith((".", "/", "~")) or p.exists():
+        if not (p / "model_index.json").is_file():
+            raise TrainingError(f"model.path {path!r} is not a diffusers model directory (no model_index.json); "
+                                "give a directory saved with save_pretrained or a hub id")
+        try:
+            check_model_dir(p, m.family)
+        except ValueError as e:
+            raise TrainingError(f"model.path: {e}") from None
+        path = str(p)
+    try:
+        return family.adapter_class().from_pretrained(path, dtype=dtype, device=str(device),
+                                                      max_sequence_length=m.max_sequence_length or None)
+    except (OSError, ValueError) as e:
+        raise TrainingError(f"could not load model.path {path!r} as a {family.pipeline}: "
+                            f"{str(e).splitlines()[0]}") from None
+    except TypeError as e:  # diffusers builds the modules from config.json: a value of the wrong type lands here
+        raise TrainingError(f"could not load model.path {path!r} as a {family.pipeline}: a value in one of its "
+                            f"config.json files has the wrong type ({str(e).splitlines()[0]}); fix that file or "
+                            "re-save the model with save_pretrained") from None

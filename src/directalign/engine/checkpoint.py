@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from ..errors import UserError
 
 STATE_FILE = "state.json"
 PREFIX = "step-"
@@ -54,7 +55,7 @@ _STEP_RE = re.compile(r"^step-(\d+)$")
 _OLD_RE = re.compile(r"^\.tmp-old-(step-\d+)-\d+$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be written or does not fit this run; the message says which and what to do."""
 
 

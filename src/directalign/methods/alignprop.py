@@ -12,13 +12,48 @@ Compared with DRaFT-K, the number of differentiable steps is random per step (th
 from __future__ import annotations
 
 import math
-import random
+from dataclasses import dataclass, field
 
 import torch
 
-from .common import RewardScorer, ode_chain, schedule, velocity_fn
+from ..engine.config import choice, need
+from ..engine.context import StepContext, StepOutput
+from .base import Backward, BranchResult, MethodSpec, step_output
+from .common import RewardScorer, ode_chain, schedule, step_noise, velocity_fn
 from .losses import reward_loss
-from .srpo import BranchResult
+
+
+@dataclass
+class AlignPropConfig:
+    """AlignProp (Prabhudesai et al. 2023, arXiv 2310.03739): backpropagation through the whole sampling chain with
+    per-step gradient checkpointing and randomised truncation: model calls before a random step index b get no
+    gradient (AlignProp's ``if i < backprop_timestep: noise_pred = noise_pred.detach()``)."""
+
+    sampling_steps: int = 25
+    guidance: float = 3.5
+    truncation: str = choice("gaussian", "uniform", "fixed")  # gaussian | uniform | fixed (AlignProp's backprop_strategy)
+    gaussian: list[float] = field(default_factory=lambda: [21.0, 2.5])  # b ~ round(N(mean, std)); AlignProp:
+    #   (42, 5) of 50 steps, scaled to 25
+    uniform: list[int] = field(default_factory=lambda: [15, 24])  # b ~ U{lo..hi}; AlignProp: (30, 50) of 50
+    fixed: int = 24  # AlignProp: 49 of 50 (one differentiable step)
+    checkpoint: bool = True
+    loss: str = choice("linear", "hinge")  # -r | hinge
+    hinge_threshold: float = 0.7
+
+    def validate(self) -> None:
+        need(self.sampling_steps >= 1, f"alignprop.sampling_steps: must be >= 1, got {self.sampling_steps}")
+        # only the selected truncation strategy's setting must fit the sampling steps
+        if self.truncation == "gaussian":
+            need(len(self.gaussian) == 2 and self.gaussian[1] >= 0,
+                 f"alignprop.gaussian: need [mean, std] with std >= 0, got {self.gaussian}")
+        elif self.truncation == "uniform":
+            need(len(self.uniform) == 2 and 0 <= self.uniform[0] <= self.uniform[1] < self.sampling_steps,
+                 f"alignprop.uniform: need [lo, hi] with 0 <= lo <= hi < alignprop.sampling_steps "
+                 f"({self.sampling_steps}), got {self.uniform}")
+        else:
+            need(0 <= self.fixed < self.sampling_steps, f"alignprop.fixed: must be in [0, alignprop.sampling_steps - 1 "
+                 f"= {self.sampling_steps - 1}], got {self.fixed}")
+
 
 
 def truncation_probabilities(kind: str, n_steps: int, gaussian=(0.0, 0.0), uniform=(0, 0), fixed: int = 0
@@ -71,21 +106,18 @@ class AlignProp:
 
     def __init__(self, cfg, adapter, reward):
         self.cfg, self.adapter, self.reward = cfg, adapter, reward
-        self.sigmas = schedule(cfg.alignprop.sampling_steps, cfg.srpo.shift)
+        self.sigmas = schedule(cfg.alignprop.sampling_steps, cfg.sampling.shift)
         self.score = RewardScorer(cfg, reward)
 
     def _truncation_args(self):
         a = self.cfg.alignprop
         return dict(gaussian=tuple(a.gaussian), uniform=tuple(a.uniform), fixed=a.fixed)
 
-    def accumulate_gradients(self, step: int, prompts: list[str], generator: torch.Generator,
-                             rng: random.Random, noise: torch.Tensor | None = None, x0: torch.Tensor | None = None,
-                             fresh_noise: torch.Tensor | None = None, backward=None) -> list[BranchResult]:
+    def train_step(self, ctx: StepContext, backward: Backward) -> StepOutput:
+        step, prompts, generator, rng = ctx.step, list(ctx.prompts), ctx.generator(), ctx.python_rng()
+        noise = step_noise(self.adapter, ctx, self.cfg.model.height, self.cfg.model.width)
         a, m = self.cfg.alignprop, self.cfg.model
-        backward = backward or (lambda loss: loss.backward())
         embeds = self.adapter.encode_prompts(prompts)
-        if noise is None:
-            noise = self.adapter.noise(len(prompts), m.height, m.width, generator)
         b = draw_truncation(a.truncation, a.sampling_steps, generator, **self._truncation_args())
         velocity = velocity_fn(self.adapter, embeds, a.guidance, m.height, m.width)
         x_b = ode_chain(noise, self.sigmas[: b + 1], velocity, grad=False)
@@ -93,8 +125,8 @@ class AlignProp:
         rewards = self.score(self.adapter.decode(x0_final, m.height, m.width), prompts, step, rng)
         loss = reward_loss(rewards, a.loss, a.hinge_threshold).mean()
         backward(loss)
-        return [BranchResult("alignprop", float(loss.detach()), float(rewards.detach().mean()),
-                             float(self.sigmas[b]), 0.0, 0.0)]
+        return step_output([BranchResult("alignprop", float(loss.detach()), float(rewards.detach().mean()),
+                                         float(self.sigmas[b]))])
 
     def nfe(self, batch: int) -> dict[str, float]:
         """Expected calls per step: b without gradient and N - b with it (checkpointing recomputes each
@@ -103,3 +135,7 @@ class AlignProp:
         p = truncation_probabilities(a.truncation, a.sampling_steps, **self._truncation_args())
         eb = sum(j * pj for j, pj in enumerate(p))
         return {"nfe_no_grad": eb * batch, "nfe_grad": (a.sampling_steps - eb) * batch}
+
+
+SPEC = MethodSpec("alignprop", "alignprop", AlignPropConfig, AlignProp,
+                  "AlignProp: backprop through the whole chain, checkpointed, randomly truncated")

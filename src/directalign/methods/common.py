@@ -2,16 +2,10 @@
 schedules, chains of Euler steps with and without gradient, one-step x0 prediction and the reward of decoded
 images under ``reward.form``.
 
-Every recipe exposes the interface the engine calls (see :mod:`directalign.engine.trainer`):
+Every recipe satisfies :class:`directalign.methods.base.Method`.
 
-* ``accumulate_gradients(step, prompts, generator, rng, noise=None, x0=None, fresh_noise=None, backward=None)``
-  runs the differentiable passes of one optimizer step, calls ``backward(loss)`` on each share of the loss and
-  returns a list of :class:`~directalign.methods.srpo.BranchResult` (one per recipe step here);
-* ``nfe(batch) -> {"nfe_no_grad", "nfe_grad"}``: transformer evaluations per optimizer step and process, without
-  and with gradient (an expectation where the recipe draws how many).
-
-All random draws of a step come from ``generator`` (seeded by the engine from (seed, rank, step)), so resumed runs
-replay exactly.
+All random draws of a step come from the step's context (seeded from (seed, rank, step)), so resumed runs replay
+exactly.
 """
 
 from __future__ import annotations
@@ -23,6 +17,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .. import flow
 from ..adapters.base import PromptEmbeds
+from ..engine.context import STREAM_NOISE, StepContext
 from ..rewards.relative import ControlWords, semantic_relative_reward
 
 
@@ -72,6 +67,13 @@ def ode_chain(x: torch.Tensor, sigmas: torch.Tensor, velocity, grad: bool, check
     return x
 
 
+def step_noise(adapter, ctx: StepContext, height: int, width: int) -> torch.Tensor:
+    """This rank's rows of the initial noise of the step's global batch (one generator every rank seeds alike), so
+    W processes with batch b start from the noise of one process with batch W * b."""
+    noise = adapter.noise(ctx.global_batch, height, width, ctx.generator(STREAM_NOISE, shared=True))
+    return noise[ctx.rows]
+
+
 def randn_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Standard normal noise of ``x``'s shape drawn on the CPU from ``generator`` (device-independent draws)."""
     return torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype)
@@ -81,16 +83,14 @@ class RewardScorer:
     """The reward a baseline optimises, per image (B,), differentiable through the images.
 
     ``reward.form = absolute`` (every shipped baseline config, as in the SRPO paper's Table 1): ``s(prompt)``.
-    A relative form contrasts the step's control words exactly as SRPO's denoise branch does, with k the
-    evaluation's k (:func:`directalign.evaluation.eval_k`), so the held-out reward measures what was trained.
+    A relative form contrasts the step's control words exactly as SRPO's denoise branch does, with k =
+    ``reward.relative_k``, the k the held-out evaluation uses for these methods, so it measures what was trained.
     """
 
     def __init__(self, cfg, reward):
-        from ..evaluation import eval_k
-
         self.reward = reward
         self.form = cfg.reward.form
-        self.k = eval_k(cfg)
+        self.k = cfg.reward.relative_k
         self.control = (ControlWords(tuple(cfg.reward.positive_words), tuple(cfg.reward.negative_words),
                                      cfg.reward.selection) if self.form != "absolute" else None)
 

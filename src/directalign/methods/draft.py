@@ -16,13 +16,46 @@ No official DRaFT code is public (landscape notes); this follows the paper's des
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 import torch
 
 from .. import flow
-from .common import RewardScorer, ode_chain, one_step_x0, randn_like, schedule, velocity_fn
+from ..engine.config import choice, need
+from ..engine.context import StepContext, StepOutput
+from .base import Backward, BranchResult, MethodSpec, step_output
+from .common import (
+    RewardScorer,
+    ode_chain,
+    one_step_x0,
+    randn_like,
+    schedule,
+    step_noise,
+    velocity_fn,
+)
 from .losses import reward_loss
-from .srpo import BranchResult
+
+
+@dataclass
+class DRaFTConfig:
+    """DRaFT (Clark et al. 2023, arXiv 2309.17400). ``method: draft-k`` backpropagates through the last ``k``
+    sampler steps; ``method: draft-lv`` samples without gradient, re-noises the final sample ``lv_samples`` times to
+    the last step's sigma and averages the one-step-denoise gradients."""
+
+    sampling_steps: int = 25
+    guidance: float = 3.5
+    k: int = 1  # draft-k: differentiable last steps
+    lv_samples: int = 2  # draft-lv: re-noised copies n
+    checkpoint: bool = True  # torch.utils.checkpoint around each differentiable step (draft-k with k > 1)
+    loss: str = choice("linear", "hinge")  # DRaFT maximises the reward: -r | hinge
+    hinge_threshold: float = 0.7
+
+    def validate(self) -> None:
+        need(self.sampling_steps >= 1, f"draft.sampling_steps: must be >= 1, got {self.sampling_steps}")
+        need(1 <= self.k <= self.sampling_steps,
+             f"draft.k: must be in [1, draft.sampling_steps = {self.sampling_steps}], got {self.k}")
+        need(self.lv_samples >= 1, f"draft.lv_samples: must be >= 1, got {self.lv_samples}")
+
 
 
 def lv_copies(x0: torch.Tensor, sigma_last: float, noises: list[torch.Tensor], velocity) -> list[torch.Tensor]:
@@ -43,7 +76,7 @@ class DRaFT:
     def __init__(self, cfg, adapter, reward):
         self.cfg, self.adapter, self.reward = cfg, adapter, reward
         self.lv = cfg.method == "draft-lv"
-        self.sigmas = schedule(cfg.draft.sampling_steps, cfg.srpo.shift)
+        self.sigmas = schedule(cfg.draft.sampling_steps, cfg.sampling.shift)
         self.score = RewardScorer(cfg, reward)
 
     def _loss(self, x0: torch.Tensor, prompts: list[str], step: int, rng: random.Random):
@@ -51,14 +84,11 @@ class DRaFT:
         rewards = self.score(self.adapter.decode(x0, m.height, m.width), prompts, step, rng)
         return reward_loss(rewards, d.loss, d.hinge_threshold).mean(), rewards
 
-    def accumulate_gradients(self, step: int, prompts: list[str], generator: torch.Generator,
-                             rng: random.Random, noise: torch.Tensor | None = None, x0: torch.Tensor | None = None,
-                             fresh_noise: torch.Tensor | None = None, backward=None) -> list[BranchResult]:
+    def train_step(self, ctx: StepContext, backward: Backward) -> StepOutput:
+        step, prompts, generator, rng = ctx.step, list(ctx.prompts), ctx.generator(), ctx.python_rng()
+        noise = step_noise(self.adapter, ctx, self.cfg.model.height, self.cfg.model.width)
         d, m = self.cfg.draft, self.cfg.model
-        backward = backward or (lambda loss: loss.backward())
         embeds = self.adapter.encode_prompts(prompts)
-        if noise is None:
-            noise = self.adapter.noise(len(prompts), m.height, m.width, generator)
         velocity = velocity_fn(self.adapter, embeds, d.guidance, m.height, m.width)
         n_steps = d.sampling_steps
         if not self.lv:
@@ -67,8 +97,8 @@ class DRaFT:
             x0_final = ode_chain(x, self.sigmas[n_steps - k :], velocity, grad=True, checkpoint=d.checkpoint)
             loss, rewards = self._loss(x0_final, prompts, step, rng)
             backward(loss)
-            return [BranchResult("draft_k", float(loss.detach()), float(rewards.detach().mean()),
-                                 float(self.sigmas[n_steps - k]), 0.0, 0.0)]
+            return step_output([BranchResult("draft_k", float(loss.detach()), float(rewards.detach().mean()),
+                                             float(self.sigmas[n_steps - k]))])
         x0_final = ode_chain(noise, self.sigmas, velocity, grad=False)
         s1 = float(self.sigmas[n_steps - 1])
         n = d.lv_samples
@@ -80,10 +110,15 @@ class DRaFT:
             backward(loss)
             total += float(loss.detach())
             reward_sum += float(rewards.detach().mean())
-        return [BranchResult("draft_lv", total, reward_sum / n, s1, 0.0, 0.0)]
+        return step_output([BranchResult("draft_lv", total, reward_sum / n, s1)])
 
     def nfe(self, batch: int) -> dict[str, float]:
         d = self.cfg.draft
         if self.lv:
             return {"nfe_no_grad": d.sampling_steps * batch, "nfe_grad": d.lv_samples * batch}
         return {"nfe_no_grad": (d.sampling_steps - d.k) * batch, "nfe_grad": d.k * batch}
+
+
+DRAFT_K_SPEC = MethodSpec("draft-k", "draft", DRaFTConfig, DRaFT, "DRaFT-K: backprop through the last K steps")
+DRAFT_LV_SPEC = MethodSpec("draft-lv", "draft", DRaFTConfig, DRaFT,
+                           "DRaFT-LV: K=1 with n re-noised copies of the final sample")

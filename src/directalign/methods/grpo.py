@@ -54,10 +54,46 @@ from dataclasses import dataclass
 
 import torch
 
-from .common import RewardScorer, schedule, velocity_fn
-from .srpo import BranchResult
+from ..engine.config import choice, need
+from ..engine.context import StepContext, StepOutput
+from .base import Backward, BranchResult, MethodSpec, step_output
+from .common import RewardScorer, schedule, step_noise, velocity_fn
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+@dataclass
+class GRPOConfig:
+    """DanceGRPO / Flow-GRPO: SDE rollouts with per-step Gaussian log-probabilities (fp32), groups of
+    ``group_size`` samples per prompt, group-normalised advantages, PPO-clipped ratio loss on a random
+    ``timestep_fraction`` of the SDE steps, optional KL to the reference (base) model."""
+
+    sde: str = choice("dance", "flow")  # dance: diffusion g = eta (DanceGRPO flux_step) | flow: g = eta*sqrt(s/(1-s)) (Flow-GRPO)
+    sampling_steps: int = 16  # DanceGRPO FLUX script
+    guidance: float = 3.5  # DanceGRPO hard-codes guidance 3.5 in its FLUX sampler
+    eta: float = 0.3  # DanceGRPO --eta 0.3 (Flow-GRPO noise_level 0.7 default, 0.9 in its FLUX PickScore config)
+    group_size: int = 12  # DanceGRPO --num_generations 12
+    same_initial_noise: bool = True  # DanceGRPO --init_same_noise; Flow-GRPO same_latent=False
+    timestep_fraction: float = 0.6  # DanceGRPO --timestep_fraction 0.6
+    clip_range: float = 1.0e-4  # both codes
+    adv_clip_max: float = 5.0  # both codes
+    advantage_eps: float = 1.0e-8  # DanceGRPO (Flow-GRPO's stat tracker: 1e-4)
+    kl_beta: float = 0.0  # DanceGRPO: no KL; Flow-GRPO FLUX PickScore: beta 0 (SD3.5 configs 0.01-0.04)
+    micro_batch: int = 0  # samples per differentiable forward (0: the whole batch); gradient accumulation
+
+    def validate(self) -> None:
+        need(self.sampling_steps >= 2, f"grpo.sampling_steps: must be >= 2 (the last step is deterministic), got "
+             f"{self.sampling_steps}")
+        need(self.eta > 0, f"grpo.eta: must be > 0 (the SDE needs noise for a log-probability), got {self.eta}")
+        need(self.group_size >= 2, f"grpo.group_size: must be >= 2 (advantages are relative within a group), got "
+             f"{self.group_size}")
+        need(0 < self.timestep_fraction <= 1, f"grpo.timestep_fraction: must be in (0, 1], got {self.timestep_fraction}")
+        need(self.clip_range >= 0, f"grpo.clip_range: must be >= 0, got {self.clip_range}")
+        need(self.adv_clip_max > 0, f"grpo.adv_clip_max: must be > 0, got {self.adv_clip_max}")
+        need(self.advantage_eps > 0, f"grpo.advantage_eps: must be > 0, got {self.advantage_eps}")
+        need(self.kl_beta >= 0, f"grpo.kl_beta: must be >= 0, got {self.kl_beta}")
+        need(self.micro_batch >= 0, f"grpo.micro_batch: must be >= 0 (0: whole batch), got {self.micro_batch}")
+
 
 
 # --------------------------------------------------------------------------------------------- pure functions
@@ -136,12 +172,6 @@ class Rollout:
     rewards: torch.Tensor
 
 
-@dataclass
-class GRPOResult(BranchResult):
-    max_ratio_deviation: float = 0.0  # max |ratio - 1| over trained transitions (0 up to rounding on-policy)
-    kl: float = 0.0
-
-
 # --------------------------------------------------------------------------------------------- the recipe
 class GRPO:
     """The DanceGRPO / Flow-GRPO recipe; ``cfg`` is a :class:`directalign.engine.config.Config`."""
@@ -149,7 +179,7 @@ class GRPO:
     def __init__(self, cfg, adapter, reward):
         self.cfg, self.adapter, self.reward = cfg, adapter, reward
         g = cfg.grpo
-        self.sigmas = schedule(g.sampling_steps, cfg.srpo.shift)
+        self.sigmas = schedule(g.sampling_steps, cfg.sampling.shift)
         self.score = RewardScorer(cfg, reward)
         self._reference = None
         if g.kl_beta > 0 and cfg.train.finetune == "full":
@@ -230,15 +260,12 @@ class GRPO:
         return torch.stack([torch.randperm(t, generator=generator)[:n_train] for _ in range(samples)])
 
     # ------------------------------------------------------------------------------------------ one step
-    def accumulate_gradients(self, step: int, prompts: list[str], generator: torch.Generator,
-                             rng: random.Random, noise: torch.Tensor | None = None, x0: torch.Tensor | None = None,
-                             fresh_noise: torch.Tensor | None = None, backward=None) -> list[BranchResult]:
-        g, m = self.cfg.grpo, self.cfg.model
-        backward = backward or (lambda loss: loss.backward())
+    def train_step(self, ctx: StepContext, backward: Backward) -> StepOutput:
+        step, prompts, generator, rng = ctx.step, list(ctx.prompts), ctx.generator(), ctx.python_rng()
+        noise = step_noise(self.adapter, ctx, self.cfg.model.height, self.cfg.model.width)
+        g = self.cfg.grpo
         group_prompts = [p for p in prompts for _ in range(g.group_size)]
         embeds = self.adapter.encode_prompts(group_prompts)
-        if noise is None:
-            noise = self.adapter.noise(len(prompts), m.height, m.width, generator)
         ro = self.rollout(embeds, self.initial_noise(noise, generator), group_prompts, step, generator, rng)
         adv = group_advantages(ro.rewards, g.group_size, g.advantage_eps).clamp(-g.adv_clip_max, g.adv_clip_max)
         adv = adv.to(ro.states.device)
@@ -250,7 +277,7 @@ class GRPO:
         sig = self.sigmas.to(ro.states.device)
         chunk = g.micro_batch or n_samples
         velocity = self._velocity(embeds)
-        total, kl_total, max_dev = 0.0, 0.0, 0.0
+        total, kl_total, max_dev, clipped, ratios_seen = 0.0, 0.0, 0.0, 0, 0
         for j in range(n_train):
             idx = chosen[:, j]
             for start in range(0, n_samples, chunk):
@@ -271,10 +298,16 @@ class GRPO:
                 loss = loss * (c.stop - c.start) / n_samples / n_train
                 backward(loss)
                 total += float(loss.detach())
-                max_dev = max(max_dev, float((ratio.detach() - 1).abs().max()))
+                deviation = (ratio.detach() - 1).abs()
+                max_dev = max(max_dev, float(deviation.max()))
+                clipped += int((deviation > g.clip_range).sum())
+                ratios_seen += deviation.numel()
         trained_sigma = float(sig[chosen].mean())
-        return [GRPOResult("grpo", total, float(ro.rewards.mean()), trained_sigma, 0.0, 0.0,
-                           max_ratio_deviation=max_dev, kl=kl_total)]
+        # diagnostics: max |ratio - 1| (0 up to rounding on-policy), the share of ratios outside the clip range,
+        # the KL to the reference and the share of groups whose rewards were all equal (no signal)
+        extra = {"max_ratio_deviation": max_dev, "clip_fraction": clipped / max(1, ratios_seen), "kl": kl_total,
+                 "zero_std_fraction": float((ro.rewards.reshape(-1, g.group_size).std(dim=1) == 0).float().mean())}
+        return step_output([BranchResult("grpo", total, float(ro.rewards.mean()), trained_sigma, extra=extra)])
 
     def nfe(self, batch: int) -> dict[str, float]:
         """Per step: N rollout calls per sample (N - 1 SDE steps and the final prediction) without gradient, plus
@@ -285,3 +318,7 @@ class GRPO:
         n_train = max(1, int((g.sampling_steps - 1) * g.timestep_fraction))
         no_grad = g.sampling_steps + (n_train if g.kl_beta > 0 else 0)
         return {"nfe_no_grad": no_grad * samples, "nfe_grad": n_train * samples}
+
+
+SPEC = MethodSpec("grpo", "grpo", GRPOConfig, GRPO,
+                  "DanceGRPO / Flow-GRPO: SDE sampling, group advantages, clipped ratio, optional KL")

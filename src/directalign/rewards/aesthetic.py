@@ -82,7 +82,7 @@ class LaionAestheticReward(Reward):
     text_conditioned = False
 
     def __init__(self, vision, head: AestheticMLP, *, divisor: float = 1.0, image_size: int | None = None,
-                 crop: str = "round", name: str = "aesthetic"):
+                 crop: str = "round", name: str = "aesthetic", clamp_resized: bool = True):
         super().__init__()
         self.vision = vision
         self.head = head
@@ -91,6 +91,7 @@ class LaionAestheticReward(Reward):
         self.image_size = image_size or config.image_size
         self.crop = crop
         self.name = name
+        self.clamp_resized = clamp_resized  # False: keep the resize's bicubic overshoot
         self.freeze()
 
     @classmethod
@@ -98,7 +99,7 @@ class LaionAestheticReward(Reward):
                         **kwargs) -> "LaionAestheticReward":
         from transformers import AutoConfig, CLIPVisionModelWithProjection
 
-        from .clip_score import hf_dtype, load_checked
+        from .loading import hf_dtype, load_checked
 
         config = AutoConfig.from_pretrained(clip_path)
         if hasattr(config, "vision_config"):  # a full CLIPModel checkpoint: keep its projection width
@@ -116,7 +117,7 @@ class LaionAestheticReward(Reward):
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         dtype = next(self.head.parameters()).dtype
-        pixels = published_preprocess(images.to(dtype), self.image_size, self.crop)
+        pixels = published_preprocess(images.to(dtype), self.image_size, self.crop, clamp=self.clamp_resized)
         return F.normalize(self._image_embeds(pixels), dim=-1)
 
     def score_texts(self, image_state: torch.Tensor, texts: list[str]) -> torch.Tensor:

@@ -138,7 +138,7 @@ class AestheticV25Reward(Reward):
     text_conditioned = False
 
     def __init__(self, vision, head: AestheticV25Head, *, divisor: float = 1.0, image_size: int | None = None,
-                 name: str = "aesthetic-v25"):
+                 name: str = "aesthetic-v25", clamp_resized: bool = True):
         super().__init__()
         if not getattr(vision.config, "vision_use_head", True):
             raise ValueError("the SigLIP backbone has no attention pooling head (vision_use_head=False), so it has "
@@ -151,6 +151,7 @@ class AestheticV25Reward(Reward):
         self.divisor = divisor
         self.image_size = image_size or vision.config.image_size
         self.name = name
+        self.clamp_resized = clamp_resized  # False: keep the resize's bicubic overshoot
         self.freeze()
 
     @classmethod
@@ -158,7 +159,7 @@ class AestheticV25Reward(Reward):
                         **kwargs) -> "AestheticV25Reward":
         from transformers import SiglipVisionModel
 
-        from .clip_score import hf_dtype, load_checked
+        from .loading import hf_dtype, load_checked
 
         check_siglip_dir(siglip_path)
         vision = load_checked(SiglipVisionModel, siglip_path, **hf_dtype(dtype))
@@ -167,7 +168,8 @@ class AestheticV25Reward(Reward):
 
     def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
         dtype = next(self.head.parameters()).dtype
-        return published_preprocess(images.to(dtype), self.image_size, "squash", SIGLIP_MEAN, SIGLIP_STD)
+        return published_preprocess(images.to(dtype), self.image_size, "squash", SIGLIP_MEAN, SIGLIP_STD,
+                                    clamp=self.clamp_resized)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         pooled = self.vision(pixel_values=self.pixel_values(images)).pooler_output

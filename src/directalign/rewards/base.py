@@ -8,6 +8,10 @@ and with a negative one) while running the image tower once:
 
 ``reward(images, prompts)`` does both. Image-only rewards ignore the texts and set ``text_conditioned = False``.
 Reward weights are frozen: gradients flow through a reward to the images, never into it.
+
+Two hooks let a trainer log a reward without knowing its type: :meth:`Reward.describe` (a one-line statement of
+the score, or None) and :meth:`Reward.step_metrics` (numbers from the last scoring call, e.g. a weighted sum's
+per-term means).
 """
 
 from __future__ import annotations
@@ -28,6 +32,14 @@ class Reward(nn.Module):
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         return self.score_texts(self.encode_images(images), prompts)
+
+    def describe(self) -> str | None:
+        """One line stating how the score is computed, worth logging once; None when the name says it all."""
+        return None
+
+    def step_metrics(self) -> dict[str, float]:
+        """Scalars about the last scoring call to log with the training step (plain floats, detached); none here."""
+        return {}
 
     def freeze(self) -> "Reward":
         self.eval()

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import Reward
-
+from .loading import check_clip_dir, load_checked  # noqa: F401  (check_clip_dir re-exported)
 from .preprocess import CLIP_MEAN, CLIP_STD, published_preprocess  # noqa: F401  (re-exported)
 
 
@@ -29,33 +29,12 @@ def projected_features(output):
     return output
 
 
-def clip_preprocess(images: torch.Tensor, size: int, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+def clip_preprocess(images: torch.Tensor, size: int, mean=CLIP_MEAN, std=CLIP_STD,
+                    clamp: bool = True) -> torch.Tensor:
     """Differentiable CLIP preprocessing of (B, 3, H, W) images in [0, 1] -> normalised (B, 3, size, size):
-    shortest side to ``size`` (bicubic), centre crop, normalise, as CLIPImageProcessor does."""
-    return published_preprocess(images, size, "floor", mean, std)
-
-
-def check_clip_dir(path: str | Path) -> None:
-    """For a local path: it exists and its config.json declares a CLIP model (cheap, before any weights load)."""
-    import json
-
-    text = str(path)
-    p = Path(text).expanduser()
-    if not (text.startswith((".", "/", "~")) or p.exists()):
-        return  # a hub id: checked after loading
-    if not p.is_dir():
-        raise ValueError(f"{text} does not exist or is not a directory; give a transformers CLIPModel directory")
-    config = p / "config.json"
-    if not config.is_file():
-        raise ValueError(f"{text} has no config.json, so it is not a transformers model directory; give a "
-                         "CLIPModel directory (saved with save_pretrained)")
-    try:
-        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
-    except (ValueError, UnicodeDecodeError, AttributeError):
-        raise ValueError(f"{config} is not a valid JSON config; give a CLIPModel directory") from None
-    if model_type != "clip":
-        raise ValueError(f"{text} holds a {model_type or 'non-transformers'} model, not a CLIP model (config.json "
-                         "model_type must be 'clip'); point it at a CLIPModel checkpoint")
+    shortest side to ``size`` (bicubic; clamped to [0, 1] unless ``clamp=False``), centre crop, normalise, as
+    CLIPImageProcessor does."""
+    return published_preprocess(images, size, "floor", mean, std, clamp=clamp)
 
 
 class CLIPReward(Reward):
@@ -66,7 +45,7 @@ class CLIPReward(Reward):
     """
 
     def __init__(self, model, tokenizer, *, use_logit_scale: bool = False, divisor: float = 1.0,
-                 image_size: int | None = None, name: str = "clip"):
+                 image_size: int | None = None, name: str = "clip", clamp_resized: bool = True):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
@@ -74,6 +53,7 @@ class CLIPReward(Reward):
         self.divisor = divisor
         self.image_size = image_size or model.config.vision_config.image_size
         self.name = name
+        self.clamp_resized = clamp_resized  # False: keep the resize's bicubic overshoot (official SRPO code)
         self._text_cache: dict[str, torch.Tensor] = {}
         self.freeze()
 
@@ -87,9 +67,7 @@ class CLIPReward(Reward):
         """
         from transformers import AutoTokenizer, CLIPModel
 
-        from .clip_score import load_checked  # the one guarded loader every CLIP-family reward uses
-
-        model = load_checked(CLIPModel, path)
+        model = load_checked(CLIPModel, path)  # the one guarded loader every CLIP-family reward uses
         tokenizer = AutoTokenizer.from_pretrained(path)
         return cls(model, tokenizer, **kwargs)
 
@@ -100,7 +78,7 @@ class CLIPReward(Reward):
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         dtype = self.model.visual_projection.weight.dtype
-        pixels = clip_preprocess(images.to(dtype), self.image_size)
+        pixels = clip_preprocess(images.to(dtype), self.image_size, clamp=self.clamp_resized)
         return F.normalize(projected_features(self.model.get_image_features(pixel_values=pixels)), dim=-1)
 
     @torch.no_grad()

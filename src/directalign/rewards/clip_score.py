@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .clip import CLIPReward, projected_features
+from .loading import hf_dtype, load_checked  # noqa: F401  (re-exported: the one guarded loader of every reward)
 from .preprocess import published_preprocess
 
 # The tokenizer PickScore and HPSv2 were published with (open_clip's ViT-H-14 BPE, 77 tokens).
@@ -43,9 +44,10 @@ class ClipScoreReward(CLIPReward):
     crop = "floor"
 
     def __init__(self, model, tokenizer, *, use_logit_scale: bool = False, divisor: float = 1.0,
-                 image_size: int | None = None, name: str = "clip", crop: str | None = None):
+                 image_size: int | None = None, name: str = "clip", crop: str | None = None,
+                 clamp_resized: bool = True):
         super().__init__(model, tokenizer, use_logit_scale=use_logit_scale, divisor=divisor,
-                         image_size=image_size, name=name)
+                         image_size=image_size, name=name, clamp_resized=clamp_resized)
         if crop is not None:
             self.crop = crop
 
@@ -60,53 +62,8 @@ class ClipScoreReward(CLIPReward):
 
     def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
         dtype = self.model.visual_projection.weight.dtype
-        return published_preprocess(images.to(dtype), self.image_size, self.crop)
+        return published_preprocess(images.to(dtype), self.image_size, self.crop, clamp=self.clamp_resized)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         feats = projected_features(self.model.get_image_features(pixel_values=self.pixel_values(images)))
         return F.normalize(feats, dim=-1)
-
-
-def load_checked(cls, path, **kwargs):
-    """``cls.from_pretrained(path)`` that fails with one line instead of returning a model with freshly initialised
-    weights (a reward with random weights would train towards noise without any error): a local directory of
-    another architecture, missing, truncated or unsafe weights (pickled code is refused by transformers'
-    ``weights_only`` loading; nothing in it runs) all raise ``ValueError``. Unused checkpoint weights (a CLIP text
-    tower under a vision-only model) are expected and not reported."""
-    from transformers.utils import logging as tlog
-
-    from .clip import check_clip_dir
-
-    if cls.__name__ == "CLIPModel":
-        check_clip_dir(path)  # a local directory must declare model_type "clip"
-    level = tlog.get_verbosity()
-    tlog.set_verbosity_error()
-    try:
-        model, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
-    except (OSError, ValueError):
-        raise
-    except Exception as e:  # UnpicklingError (refused pickled code), SafetensorError (corrupt file), ...
-        import pickle
-
-        first = (str(e).strip().splitlines() or [""])[0][:160]
-        if isinstance(e, pickle.UnpicklingError):
-            first = "a pickled weights file holds objects other than tensors; refused, nothing in it ran"
-        raise ValueError(f"{path} holds unreadable or unsafe weights ({type(e).__name__}: {first}); give a "
-                         "checkpoint saved as safetensors") from None
-    finally:
-        tlog.set_verbosity(level)
-    missing = [k for k in info.get("missing_keys", []) if not k.endswith("position_ids")]
-    mismatched = info.get("mismatched_keys", [])
-    if missing or mismatched:
-        bad = missing[:2] or [m[0] if isinstance(m, (tuple, list)) else m for m in mismatched[:2]]
-        raise ValueError(f"{path} does not hold the weights a {cls.__name__} needs ({', '.join(map(str, bad))} "
-                         "missing or of another shape)")
-    return model
-
-
-def hf_dtype(dtype) -> dict:
-    """transformers >= 4.56 takes ``dtype=`` in from_pretrained; older versions ``torch_dtype=``."""
-    import transformers
-
-    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}

@@ -11,7 +11,9 @@ image and text embeddings (no logit scale), ``cos(f_img, f_txt) / divisor``.
 Preprocessing: HPSv2's published ``preprocess_val`` resizes the longest side to 224 (bicubic, on the float tensor)
 and pads to a square with black (open_clip ``ResizeMaxSize``), then normalises with OpenAI CLIP's mean / std;
 ``crop="pad"`` here. The official SRPO training code resizes the shortest side and centre crops instead
-(``crop="round"``); for square images, which SRPO trains on, the two are the same resize.
+(``crop="round"``); for square images, which SRPO trains on, the two are the same resize. ``crop="pad"`` never
+clamps the resized image; ``clamp_resized`` (default True: clip to [0, 1] as PIL does) only matters for
+``crop="floor"`` / ``"round"``.
 
 The conversion (open_clip key -> transformers key):
 
@@ -225,9 +227,9 @@ class HPSv2Reward(ClipScoreReward):
     crop = "pad"
 
     def __init__(self, model, tokenizer, *, divisor: float = 1.0, image_size: int | None = None,
-                 name: str = "hpsv2", crop: str | None = None):
+                 name: str = "hpsv2", crop: str | None = None, clamp_resized: bool = True):
         super().__init__(model, tokenizer, use_logit_scale=False, divisor=divisor, image_size=image_size, name=name,
-                         crop=crop)
+                         crop=crop, clamp_resized=clamp_resized)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, tokenizer: str | Path | None = None, dtype=torch.float32,
@@ -238,7 +240,7 @@ class HPSv2Reward(ClipScoreReward):
         models whose head width is not in ``VISION_HEAD_WIDTH`` / 64."""
         from transformers import CLIPModel
 
-        from .clip_score import hf_dtype, load_checked
+        from .loading import hf_dtype, load_checked
 
         p = Path(path)
         if p.is_file():

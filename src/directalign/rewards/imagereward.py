@@ -146,7 +146,7 @@ class ImageRewardReward(Reward):
 
     def __init__(self, vision, text, head: AestheticMLP, tokenizer, *, mean: float = IMAGEREWARD_MEAN,
                  std: float = IMAGEREWARD_STD, divisor: float = 1.0, max_length: int = TEXT_MAX_LENGTH,
-                 name: str = "imagereward"):
+                 name: str = "imagereward", clamp_resized: bool = True):
         super().__init__()
         self.vision, self.text, self.head = vision, text, head
         self.tokenizer = tokenizer
@@ -154,6 +154,7 @@ class ImageRewardReward(Reward):
         self.max_length = max_length
         self.image_size = vision.config.image_size
         self.name = name
+        self.clamp_resized = clamp_resized  # False: keep the resize's bicubic overshoot
         self._tokens: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.freeze()
 
@@ -180,7 +181,7 @@ class ImageRewardReward(Reward):
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """All image tokens after the ViT's final norm (B, 1 + patches, width): what the text encoder attends to."""
         dtype = self.vision.embeddings.patch_embedding.weight.dtype
-        pixels = published_preprocess(images.to(dtype), self.image_size, self.crop)
+        pixels = published_preprocess(images.to(dtype), self.image_size, self.crop, clamp=self.clamp_resized)
         return self.vision(pixel_values=pixels).last_hidden_state
 
     @torch.no_grad()

@@ -28,15 +28,17 @@ class PickScoreReward(ClipScoreReward):
     crop = "floor"
 
     def __init__(self, model, tokenizer, *, divisor: float = 1.0, image_size: int | None = None,
-                 name: str = "pickscore"):
-        super().__init__(model, tokenizer, use_logit_scale=True, divisor=divisor, image_size=image_size, name=name)
+                 name: str = "pickscore", clamp_resized: bool = True):
+        super().__init__(model, tokenizer, use_logit_scale=True, divisor=divisor, image_size=image_size, name=name,
+                         clamp_resized=clamp_resized)
 
     @classmethod
     def from_pretrained(cls, path: str | Path = PICKSCORE_HUB_ID, tokenizer: str | Path | None = None,
                         dtype=torch.float32, divisor: float = 1.0, **kwargs) -> "PickScoreReward":
         from transformers import CLIPModel
 
-        from .clip_score import hf_dtype, load_checked, load_clip_tokenizer
+        from .clip_score import load_clip_tokenizer
+        from .loading import hf_dtype, load_checked
 
         model = load_checked(CLIPModel, path, **hf_dtype(dtype))
         tok = load_clip_tokenizer(tokenizer or path, fallback=LAION_H14)

@@ -26,8 +26,11 @@ with PIL's support widening when downsampling, clamped to [0, 1] as PIL clips th
 it follows PIL up to PIL's 8-bit rounding: within 1.5/255 per pixel, 0.25/255 on average, on real images
 (``tests/test_reward_zoo.py``; measured 1.1/255 and 0.1/255). PIL rounds and clips after each of its two separable
 passes, so at hard black / white edges a few pixels differ more (up to 24/255 on the synthetic images of
-``tests/data/hps_openclip_reference``, 0.4/255 on average). The official SRPO training code applies torchvision's
-``Resize(224, bicubic) + CenterCrop(224) + Normalize`` to the decoded float tensor, i.e. the same without the clamp.
+``tests/data/hps_openclip_reference``, 0.4/255 on average). The official SRPO training code (Tencent-Hunyuan/SRPO,
+``fastvideo/SRPO.py``) applies torchvision's ``Resize(224, bicubic) + CenterCrop(224) + Normalize`` to the decoded
+float tensor, i.e. the same without the clamp: ``clamp=False`` (``reward.clamp_resized=false``) follows it; it
+changes 0.2-0.7 % of the resized pixels of typical images and the reward's gradient by 1-2.6 % (relative). The
+``"pad"`` path never clamps (HPSv2's published transform resizes the float tensor too), whatever ``clamp`` says.
 """
 
 from __future__ import annotations
@@ -44,10 +47,11 @@ SIGLIP_STD = (0.5, 0.5, 0.5)
 CROP_MODES = ("floor", "round", "pad", "squash")
 
 
-def _bicubic(images: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """PIL-style bicubic resize of images in [0, 1]; PIL clips the kernel's overshoot to the pixel range."""
+def _bicubic(images: torch.Tensor, h: int, w: int, clamp: bool = True) -> torch.Tensor:
+    """PIL-style bicubic resize of images in [0, 1]; PIL clips the kernel's overshoot to the pixel range
+    (``clamp=True``); ``clamp=False`` keeps it, as torchvision's ``Resize`` of a float tensor does."""
     out = F.interpolate(images, size=(h, w), mode="bicubic", align_corners=False, antialias=True)
-    return out.clamp(0, 1)
+    return out.clamp(0, 1) if clamp else out
 
 
 def resized_size(height: int, width: int, size: int) -> tuple[int, int]:
@@ -65,12 +69,13 @@ def crop_offset(length: int, size: int, mode: str) -> int:
     raise ValueError(f"crop mode {mode!r}; choose from {CROP_MODES}")
 
 
-def resize_center_crop(images: torch.Tensor, size: int, crop: str = "floor") -> torch.Tensor:
-    """(B, 3, H, W) -> (B, 3, size, size): shortest side to ``size`` (bicubic, antialiased), centre crop."""
+def resize_center_crop(images: torch.Tensor, size: int, crop: str = "floor", clamp: bool = True) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, 3, size, size): shortest side to ``size`` (bicubic, antialiased; clamped to [0, 1] unless
+    ``clamp=False``), centre crop."""
     h, w = images.shape[-2:]
     nh, nw = resized_size(h, w, size)
     if (nh, nw) != (h, w):
-        images = _bicubic(images, nh, nw)
+        images = _bicubic(images, nh, nw, clamp)
     top, left = crop_offset(nh, size, crop), crop_offset(nw, size, crop)
     return images[..., top : top + size, left : left + size]
 
@@ -92,11 +97,12 @@ def resize_longest_pad(images: torch.Tensor, size: int) -> torch.Tensor:
     return images
 
 
-def resize_square(images: torch.Tensor, size: int) -> torch.Tensor:
+def resize_square(images: torch.Tensor, size: int, clamp: bool = True) -> torch.Tensor:
     """transformers' ``SiglipImageProcessor`` resize: (B, 3, H, W) -> (B, 3, size, size), each side scaled on its
-    own (bicubic, antialiased; a non-square image is squashed, nothing is cropped or padded)."""
+    own (bicubic, antialiased, clamped unless ``clamp=False``; a non-square image is squashed, nothing is cropped or
+    padded)."""
     if tuple(images.shape[-2:]) != (size, size):
-        images = _bicubic(images, size, size)
+        images = _bicubic(images, size, size, clamp)
     return images
 
 
@@ -107,13 +113,15 @@ def normalize(images: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tenso
 
 
 def published_preprocess(images: torch.Tensor, size: int, crop: str = "floor", mean=CLIP_MEAN,
-                         std=CLIP_STD) -> torch.Tensor:
+                         std=CLIP_STD, clamp: bool = True) -> torch.Tensor:
     """Images in [0, 1] (B, 3, H, W) -> the model's normalised input (B, 3, size, size), differentiable.
 
     ``crop``: ``"floor"`` / ``"round"`` (shortest side + centre crop with that offset rule), ``"pad"`` (longest side
-    + black padding, HPSv2's published transform) or ``"squash"`` (both sides to ``size``, SigLIP's processor)."""
+    + black padding, HPSv2's published transform) or ``"squash"`` (both sides to ``size``, SigLIP's processor).
+    ``clamp``: clip the resized image to [0, 1] as PIL does (the published pipelines); ``False`` keeps the bicubic
+    overshoot, as the official SRPO code's resize of the float tensor. ``"pad"`` never clamps."""
     if crop == "pad":
         return normalize(resize_longest_pad(images, size), mean, std)
     if crop == "squash":
-        return normalize(resize_square(images, size), mean, std)
-    return normalize(resize_center_crop(images, size, crop), mean, std)
+        return normalize(resize_square(images, size, clamp), mean, std)
+    return normalize(resize_center_crop(images, size, crop, clamp), mean, std)

@@ -5,7 +5,8 @@
 Nothing is estimated behind the user's back: ``mean_i`` and ``std_i`` are fixed numbers from the config (``0`` and
 ``1``, i.e. no normalisation, unless given), and each term's raw and normalised scores are returned by
 :meth:`WeightedSumReward.components` and kept, detached, in ``last_components`` after every scoring call so a
-trainer can log them. :meth:`describe` states the whole formula in one line.
+trainer can log them (:meth:`step_metrics`, keys ``reward_term_<name>``). :meth:`describe` states the whole formula
+in one line.
 
 SRPO's relative forms are linear combinations of scores, so they apply to the sum term by term:
 ``(1 + k) r(pos) - r(neg) = sum_i w_i [(1 + k) s_i(pos) - s_i(neg)] / std_i - k sum_i w_i mean_i / std_i``.
@@ -56,6 +57,10 @@ class WeightedSumReward(Reward):
     def describe(self) -> str:
         parts = [f"{t.weight:g} * ({t.name} - {t.mean:g}) / {t.std:g}" for t in self.terms]
         return "reward = " + " + ".join(parts)
+
+    def step_metrics(self) -> dict[str, float]:
+        """``reward_term_<name>`` (raw) and ``reward_term_<name>/normalized`` means of the last scoring call."""
+        return {f"reward_term_{k}": v for k, v in self.last_components.items()}
 
     def encode_images(self, images: torch.Tensor) -> list:
         return [r.encode_images(images) for r in self.rewards]

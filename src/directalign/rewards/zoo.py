@@ -22,6 +22,12 @@ kind              ``reward.path``                                               
 Image-only rewards (aesthetic, aesthetic-v25) need ``reward.form=absolute``; the SRPO relative forms need a
 text-conditioned reward (a sum qualifies when any term is text-conditioned).
 
+Each kind is one loader in :mod:`directalign.rewards.registry` (``LOADERS``), built by its one factory
+(:func:`~directalign.rewards.registry.make_reward`; :func:`~directalign.rewards.registry.load_reward` from the
+``reward`` config section). ``reward.clamp_resized`` (default true) reaches every kind whose preprocessing resizes:
+true clips the resized image to [0, 1] as the published PIL pipelines do, false keeps the bicubic overshoot as the
+official SRPO code does (HPSv2's published longest-side + pad resize never clamps).
+
 ``aesthetic-v25`` (:mod:`directalign.rewards.aesthetic_v25`) is the SigLIP-based successor of the LAION predictor
 (``aesthetic``): same kind of MLP head, trained on a wider range of image domains (illustrations too), scores roughly
 1-10 with 5.5+ called great by its authors. Its images are resized to 384 x 384 without a crop (SigLIP's processor).
@@ -29,80 +35,17 @@ text-conditioned reward (a sum qualifies when any term is text-conditioned).
 
 from __future__ import annotations
 
-import logging
-
-import torch
-
-from .base import Reward
-
-REWARD_KINDS = ("tiny-world", "clip", "pickscore", "hpsv2", "aesthetic", "aesthetic-v25", "imagereward", "sum")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-log = logging.getLogger("directalign.rewards")
-
-
-def build_reward(kind: str, path: str, *, divisor: float = 1.0, use_logit_scale: bool = False, tokenizer: str = "",
-                 clip_backbone: str = "openai/clip-vit-large-patch14",
-                 siglip_backbone: str = "google/siglip-so400m-patch14-384",
-                 dtype: torch.dtype = torch.float32) -> Reward:
-    """One reward of ``kind`` from ``path`` (see the module table)."""
-    if kind == "tiny-world":
-        from ..world.load import load_reward as load_tiny
-
-        reward = load_tiny()
-        reward.divisor = divisor
-        return reward
-    if kind == "clip":
-        from .clip_score import ClipScoreReward
-
-        return ClipScoreReward.from_pretrained(path, tokenizer=tokenizer or None, dtype=dtype,
-                                               use_logit_scale=use_logit_scale, divisor=divisor)
-    if kind == "pickscore":
-        from .pickscore import PickScoreReward
-
-        return PickScoreReward.from_pretrained(path, tokenizer=tokenizer or None, dtype=dtype, divisor=divisor)
-    if kind == "hpsv2":
-        from .hps import HPSv2Reward
-
-        return HPSv2Reward.from_pretrained(path, tokenizer=tokenizer or None, dtype=dtype, divisor=divisor)
-    if kind == "aesthetic":
-        from .aesthetic import LaionAestheticReward
-
-        return LaionAestheticReward.from_pretrained(path, clip_backbone, dtype=dtype, divisor=divisor)
-    if kind == "aesthetic-v25":
-        from .aesthetic_v25 import AestheticV25Reward
-
-        return AestheticV25Reward.from_pretrained(path, siglip_backbone, dtype=dtype, divisor=divisor)
-    if kind == "imagereward":
-        from .imagereward import ImageRewardReward
-
-        return ImageRewardReward.from_pretrained(path, tokenizer=tokenizer or None, dtype=dtype, divisor=divisor)
-    raise ValueError(f"unknown reward kind {kind!r}; choose from {', '.join(REWARD_KINDS)}")
-
-
-def reward_from_config(r) -> Reward:
-    """The reward a :class:`directalign.engine.config.RewardConfig` describes."""
-    if r.dtype not in DTYPES:
-        raise ValueError(f"reward.dtype {r.dtype!r}; choose from {', '.join(DTYPES)}")
-    dtype = DTYPES[r.dtype]
-    if r.kind != "sum":
-        return build_reward(r.kind, r.path, divisor=r.divisor, use_logit_scale=r.use_logit_scale,
-                            tokenizer=r.tokenizer, clip_backbone=r.clip_backbone,
-                            siglip_backbone=r.siglip_backbone, dtype=dtype)
-    from .weighted import Term, WeightedSumReward
-
-    t = r.terms
-    if not t.kinds:
-        raise ValueError("reward.kind=sum needs reward.terms.kinds and reward.terms.paths (one path per kind)")
-    n = len(t.kinds)
-    weights, means, stds = t.weights or [1.0] * n, t.means or [0.0] * n, t.stds or [1.0] * n
-    rewards, terms, seen = [], [], {}
-    for kind, path, w, mu, sd in zip(t.kinds, t.paths, weights, means, stds):
-        seen[kind] = seen.get(kind, 0) + 1
-        name = kind if seen[kind] == 1 else f"{kind}#{seen[kind]}"
-        # each term's raw score (divisor 1; pickscore with its logit scale): normalisation is explicit
-        rewards.append(build_reward(kind, path, tokenizer=r.tokenizer, clip_backbone=r.clip_backbone,
-                                    siglip_backbone=r.siglip_backbone, dtype=dtype, use_logit_scale=False))
-        terms.append(Term(name, w, mu, sd))
-    reward = WeightedSumReward(rewards, terms)
-    log.info(reward.describe())
-    return reward
+# The registry holds the loaders and the factory; this module keeps the names callers and tests import from it.
+from .registry import (  # noqa: F401  (re-exported)
+    DTYPES,
+    LOADERS,
+    REWARD_KINDS,
+    RewardError,
+    RewardOptions,
+    build_reward,
+    load_reward,
+    log,
+    make_reward,
+    options_from_config,
+    reward_from_config,
+)

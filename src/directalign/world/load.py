@@ -2,36 +2,11 @@
 
 from __future__ import annotations
 
-import os
-from importlib import resources
-from pathlib import Path
+from ..world_paths import generator_dir, reward_dir, world_dir  # noqa: F401  (re-exported; DIRECTALIGN_WORLD_DIR)
 
 # Sampling settings the quality gates are measured at (docs/tiny-world.md).
 DEFAULT_STEPS = 16
 DEFAULT_GUIDANCE = 5.0
-
-
-def world_dir() -> Path:
-    """Directory of the shipped weights: ``generator/`` (diffusers) and ``reward/`` (transformers).
-
-    ``DIRECTALIGN_WORLD_DIR`` points elsewhere (a freshly rebuilt world, for example).
-    """
-    override = os.environ.get("DIRECTALIGN_WORLD_DIR")
-    path = Path(override) if override else Path(str(resources.files("directalign"))) / "assets" / "tiny-world"
-    if not (path / "generator" / "model_index.json").is_file():
-        raise FileNotFoundError(
-            f"the tiny world's weights are missing under {path}; reinstall directalign or rebuild them with "
-            "`python -m directalign.world.build --out <dir>`"
-        )
-    return path
-
-
-def generator_dir() -> Path:
-    return world_dir() / "generator"
-
-
-def reward_dir() -> Path:
-    return world_dir() / "reward"
 
 
 def load_pipeline(dtype=None):
@@ -54,7 +29,8 @@ def load_pipeline(dtype=None):
 
 
 def load_reward():
-    """The tiny world's text-conditioned reward as a :class:`directalign.rewards.clip.CLIPReward` (cosine score)."""
-    from ..rewards.clip import CLIPReward
+    """The tiny world's text-conditioned reward as a :class:`directalign.rewards.clip.CLIPReward` (cosine score):
+    ``reward.kind=tiny-world`` of the reward registry, loaded from :func:`reward_dir`."""
+    from ..rewards.registry import build_reward
 
-    return CLIPReward.from_pretrained(reward_dir(), name="tiny-world")
+    return build_reward("tiny-world", "tiny-world")

@@ -1,0 +1,159 @@
+"""The whole run configuration: the shared sections plus exactly one section for the chosen method.
+
+``method: srpo`` selects :mod:`directalign.methods.srpo` and its ``srpo:`` section; the resolved configuration holds
+``method``, ``model``, ``reward``, ``sampling``, the method's section, ``train``, ``eval`` and ``run``, nothing else.
+A section of another method is a one-line error naming the method it belongs to; a renamed key is a one-line error
+naming its new place. ``directalign train --print-config`` shows the resolved configuration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from .adapters.loading import FAMILIES
+from .engine.config import (SHARED_SECTIONS, ConfigError, build_section, check_section, deep_merge, flat_diff,
+                            load_yaml, parse_override)
+from .methods.registry import METHODS, sections
+from .rewards.zoo import REWARD_KINDS
+
+DEFAULT_METHOD = "srpo"
+# Keys that moved, and where to: a config that still uses one gets a one-line hint.
+RENAMED = {"srpo.shift": "sampling.shift"}
+TERM_KINDS = tuple(k for k in REWARD_KINDS if k != "sum")
+
+
+class Config:
+    """A resolved configuration: ``cfg.model``, ``cfg.reward``, ``cfg.sampling``, ``cfg.train``, ``cfg.eval``,
+    ``cfg.run`` and the chosen method's section under its own name (``cfg.srpo``, ``cfg.grpo``, ...)."""
+
+    def __init__(self, method: str = DEFAULT_METHOD, sections: dict | None = None):
+        if method not in METHODS:
+            raise ConfigError(f"method: {method!r} is not allowed; choose one of {', '.join(METHODS)}")
+        spec = METHODS[method]
+        given = dict(sections or {})
+        self.method = method
+        self.section_name = spec.section
+        self._sections = {}
+        for name, cls in list(SHARED_SECTIONS.items())[:3] + [(spec.section, spec.config)] + \
+                list(SHARED_SECTIONS.items())[3:]:
+            self._sections[name] = given.pop(name, None) or cls()
+        if given:
+            raise ConfigError(f"method {method} has no section {next(iter(given))!r}")
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        sections_ = self.__dict__.get("_sections", {})
+        if name in sections_:
+            return sections_[name]
+        owners = sections().get(name)
+        if owners:
+            raise AttributeError(f"this config is for method {self.method}; section {name!r} belongs to "
+                                 f"{' / '.join(owners)}")
+        raise AttributeError(name)
+
+    @property
+    def method_section(self):
+        return self._sections[self.section_name]
+
+    def section_items(self):
+        return list(self._sections.items())
+
+    def to_dict(self) -> dict:
+        out: dict = {"method": self.method}
+        out.update({name: dataclasses.asdict(sec) for name, sec in self._sections.items()})
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def defaults(self) -> "Config":
+        """The default configuration of the same method."""
+        return Config(self.method)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Config) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return f"Config(method={self.method!r}, ...)"
+
+
+def _check_renamed(data: dict) -> None:
+    for old, new in RENAMED.items():
+        node = data
+        for part in old.split("."):
+            if not isinstance(node, dict) or part not in node:
+                break
+            node = node[part]
+        else:
+            raise ConfigError(f"config key '{old}' was renamed; use {new} instead")
+
+
+def validate(cfg: Config) -> None:
+    """Check every section (after building, or after code changed a field) and the choices the registries own."""
+    for name, section in cfg.section_items():
+        check_section(section, name)
+    if cfg.model.family not in FAMILIES:
+        raise ConfigError(f"model.family: {cfg.model.family!r} is not allowed; choose one of {', '.join(FAMILIES)}")
+    if cfg.reward.kind not in REWARD_KINDS:
+        raise ConfigError(f"reward.kind: {cfg.reward.kind!r} is not allowed; choose one of {', '.join(REWARD_KINDS)}")
+    for kind in cfg.reward.terms.kinds:
+        if kind not in TERM_KINDS:
+            raise ConfigError(f"reward.terms.kinds: {kind!r} is not allowed; choose from {', '.join(TERM_KINDS)}")
+
+
+def build_config(data: dict | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- data <- each ``key=value`` override, then validation."""
+    merged = dict(data or {})
+    for text in overrides or []:
+        merged = deep_merge(merged, parse_override(text))
+    _check_renamed(merged)
+    method = merged.pop("method", DEFAULT_METHOD)
+    if not isinstance(method, str) or method not in METHODS:
+        raise ConfigError(f"method: {method!r} is not allowed; choose one of {', '.join(METHODS)}")
+    spec = METHODS[method]
+    allowed = {**SHARED_SECTIONS, spec.section: spec.config}
+    owners = sections()
+    built = {}
+    for name, value in merged.items():
+        if name not in allowed:
+            if name in owners:
+                raise ConfigError(f"section '{name}' belongs to method {' / '.join(owners[name])}, but method is "
+                                  f"{method}; remove the section or set method: {owners[name][0]}")
+            raise ConfigError(f"unknown config key '{name}'; allowed keys here: method, {', '.join(allowed)}")
+        built[name] = build_section(allowed[name], value, name)
+    cfg = Config(method, built)
+    validate(cfg)
+    return cfg
+
+
+def packaged_config(name: str) -> Path:
+    return Path(str(resources.files("directalign"))) / "configs" / f"{name}.yaml"
+
+
+def resolve_config_path(value: str | None) -> Path:
+    """A path, or the name of a shipped config (``tiny-srpo``, ``flux-dev-srpo-hpsv2``, ...); None: the default."""
+    if value is None:
+        return packaged_config("tiny-srpo")
+    p = Path(value)
+    if p.exists() or p.suffix in (".yaml", ".yml"):
+        return p
+    shipped = packaged_config(value)
+    return shipped if shipped.is_file() else p
+
+
+def load_config(path=None, overrides: list[str] | None = None) -> Config:
+    return build_config(load_yaml(path) if path else {}, overrides)
+
+
+def diff_from_defaults(cfg: Config) -> dict:
+    """Flattened ``{"a.b": value}`` of every setting that differs from the defaults (for logs and run identity)."""
+    out = {} if cfg.method == DEFAULT_METHOD else {"method": cfg.method}
+    defaults = cfg.defaults()
+    for name, section in cfg.section_items():
+        out.update(flat_diff(section, getattr(defaults, name), name + "."))
+    return out

@@ -1,0 +1,175 @@
+"""The reward registry: ``reward.kind`` -> loader, and the one factory every caller builds rewards with.
+
+Training (:func:`load_reward`, from the ``reward`` config section), ``directalign eval --rewards KIND:PATH`` and the
+tiny world's own loader (:func:`directalign.world.load.load_reward`) all go through :func:`make_reward`. A new kind
+is one loader function and one line in :data:`LOADERS` (plus its name in the config's allowed kinds). What
+``reward.path`` holds for each kind, and each kind's score: :mod:`directalign.rewards.zoo`.
+
+Every loader gets the path and one :class:`RewardOptions` (the ``reward`` section's other fields, dtype resolved);
+each uses the options that apply to it. ``clamp_resized`` reaches every reward whose preprocessing resizes:
+``True`` clips the resized image to [0, 1] as the published PIL pipelines do, ``False`` keeps the bicubic overshoot
+as the official SRPO training code does (:mod:`directalign.rewards.preprocess`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import UserError
+from ..world_paths import reward_dir as tiny_world_reward_dir
+from .base import Reward
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+log = logging.getLogger("directalign.rewards")
+
+
+class RewardError(UserError, ValueError):
+    """A reward that cannot be loaded or used as configured; the one-line message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class RewardOptions:
+    """What a loader may use besides the kind and the path (the ``reward`` section's fields, dtype resolved)."""
+
+    divisor: float = 1.0  # score / divisor (every single-reward kind)
+    use_logit_scale: bool = False  # clip: scale the cosine by logit_scale.exp() (pickscore always does)
+    tokenizer: str = ""  # hpsv2 / pickscore / imagereward / clip: the text tokenizer when the weights have none
+    clip_backbone: str = "openai/clip-vit-large-patch14"  # aesthetic: the CLIP ViT-L/14 under the MLP head
+    siglip_backbone: str = "google/siglip-so400m-patch14-384"  # aesthetic-v25: the SigLIP under the MLP head
+    dtype: torch.dtype = torch.float32
+    clamp_resized: bool = True  # clip the resized image to [0, 1] (PIL); False: as the official SRPO code
+
+
+# ---------------------------------------------------------------------------------------------------- loaders
+def _tiny_world(path: str, o: RewardOptions) -> Reward:
+    from .clip import CLIPReward
+
+    # reward.path is not read: the shipped tiny world, or the one DIRECTALIGN_WORLD_DIR points at
+    return CLIPReward.from_pretrained(tiny_world_reward_dir(), name="tiny-world", divisor=o.divisor,
+                                      clamp_resized=o.clamp_resized)
+
+
+def _clip(path: str, o: RewardOptions) -> Reward:
+    from .clip_score import ClipScoreReward
+
+    return ClipScoreReward.from_pretrained(path, tokenizer=o.tokenizer or None, dtype=o.dtype, divisor=o.divisor,
+                                           use_logit_scale=o.use_logit_scale, clamp_resized=o.clamp_resized)
+
+
+def _pickscore(path: str, o: RewardOptions) -> Reward:
+    from .pickscore import PickScoreReward
+
+    return PickScoreReward.from_pretrained(path, tokenizer=o.tokenizer or None, dtype=o.dtype, divisor=o.divisor,
+                                           clamp_resized=o.clamp_resized)
+
+
+def _hpsv2(path: str, o: RewardOptions) -> Reward:
+    from .hps import HPSv2Reward
+
+    return HPSv2Reward.from_pretrained(path, tokenizer=o.tokenizer or None, dtype=o.dtype, divisor=o.divisor,
+                                       clamp_resized=o.clamp_resized)
+
+
+def _aesthetic(path: str, o: RewardOptions) -> Reward:
+    from .aesthetic import LaionAestheticReward
+
+    return LaionAestheticReward.from_pretrained(path, o.clip_backbone, dtype=o.dtype, divisor=o.divisor,
+                                                clamp_resized=o.clamp_resized)
+
+
+def _aesthetic_v25(path: str, o: RewardOptions) -> Reward:
+    from .aesthetic_v25 import AestheticV25Reward
+
+    return AestheticV25Reward.from_pretrained(path, o.siglip_backbone, dtype=o.dtype, divisor=o.divisor,
+                                              clamp_resized=o.clamp_resized)
+
+
+def _imagereward(path: str, o: RewardOptions) -> Reward:
+    from .imagereward import ImageRewardReward
+
+    return ImageRewardReward.from_pretrained(path, tokenizer=o.tokenizer or None, dtype=o.dtype, divisor=o.divisor,
+                                             clamp_resized=o.clamp_resized)
+
+
+LOADERS: dict[str, Callable[[str, RewardOptions], Reward]] = {
+    "tiny-world": _tiny_world,  # CLIPReward of the tiny world's reward/ directory (cosine)
+    "clip": _clip,  # any transformers CLIPModel
+    "pickscore": _pickscore,  # yuvalkirstain/PickScore_v1
+    "hpsv2": _hpsv2,  # HPS_v2.1_compressed.pt (open_clip, converted on load) or a converted directory
+    "aesthetic": _aesthetic,  # LAION aesthetic predictor v2 head on reward.clip_backbone (image-only)
+    "aesthetic-v25": _aesthetic_v25,  # Aesthetic Predictor v2.5 head on reward.siglip_backbone (image-only)
+    "imagereward": _imagereward,  # ImageReward.pt
+}
+REWARD_KINDS = (*LOADERS, "sum")  # sum: a weighted sum of registered kinds (reward.terms)
+
+
+# ---------------------------------------------------------------------------------------------------- factory
+def make_reward(kind: str, path: str | Path, options: RewardOptions = RewardOptions()) -> Reward:
+    """One frozen reward of a registered ``kind`` from ``path`` (on the CPU)."""
+    loader = LOADERS.get(kind)
+    if loader is None:
+        raise RewardError(f"unknown reward kind {kind!r}; choose from {', '.join(LOADERS)}")
+    return loader(path, options)
+
+
+def build_reward(kind: str, path: str | Path, **options) -> Reward:
+    """:func:`make_reward` with the options as keywords (the fields of :class:`RewardOptions`)."""
+    return make_reward(kind, path, RewardOptions(**options))
+
+
+def options_from_config(r) -> RewardOptions:
+    """The :class:`RewardOptions` of a ``reward`` config section (``RewardConfig``)."""
+    if r.dtype not in DTYPES:
+        raise RewardError(f"reward.dtype {r.dtype!r}; choose from {', '.join(DTYPES)}")
+    return RewardOptions(divisor=r.divisor, use_logit_scale=r.use_logit_scale, tokenizer=r.tokenizer,
+                         clip_backbone=r.clip_backbone, siglip_backbone=r.siglip_backbone, dtype=DTYPES[r.dtype],
+                         clamp_resized=r.clamp_resized)
+
+
+def reward_from_config(r) -> Reward:
+    """The reward a ``reward`` config section (``RewardConfig``) describes, a weighted sum for ``kind=sum``."""
+    options = options_from_config(r)
+    if r.kind != "sum":
+        return make_reward(r.kind, r.path, options)
+    from .weighted import Term, WeightedSumReward
+
+    t = r.terms
+    if not t.kinds:
+        raise RewardError("reward.kind=sum needs reward.terms.kinds and reward.terms.paths (one path per kind)")
+    n = len(t.kinds)
+    weights, means, stds = t.weights or [1.0] * n, t.means or [0.0] * n, t.stds or [1.0] * n
+    # each term's raw score (divisor 1; pickscore with its logit scale): the normalisation is the explicit mean / std
+    raw = dataclasses.replace(options, divisor=1.0, use_logit_scale=False)
+    rewards, terms, seen = [], [], {}
+    for kind, path, w, mu, sd in zip(t.kinds, t.paths, weights, means, stds):
+        seen[kind] = seen.get(kind, 0) + 1
+        rewards.append(make_reward(kind, path, raw))
+        terms.append(Term(kind if seen[kind] == 1 else f"{kind}#{seen[kind]}", w, mu, sd))
+    reward = WeightedSumReward(rewards, terms)
+    log.info(reward.describe())
+    return reward
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def load_reward(reward_cfg, device: torch.device | str, form: str) -> Reward:
+    """The frozen reward the ``reward`` config section describes, on ``device``, for the SRPO ``form`` it will be
+    used with (``absolute`` for plain Direct-Align). Anything wrong raises :class:`RewardError` with one line."""
+    r = reward_cfg
+    try:
+        reward = reward_from_config(r)
+    except (OSError, ValueError, TypeError) as e:  # TypeError: a config.json value of the wrong type
+        where = "reward.terms.paths" if r.kind == "sum" else f"reward.path {str(r.path)!r}"
+        raise RewardError(f"could not load {where} as reward.kind={r.kind}: {_first_line(e)}") from None
+    if form != "absolute" and not reward.text_conditioned:
+        raise RewardError(f"reward.kind={r.kind} is image-only, so the {form!r} SRPO form has no text to "
+                          "contrast; set reward.form=absolute")
+    return reward.to(device)
