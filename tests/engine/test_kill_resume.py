@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 
 from directalign.engine import checkpoint as ckpt
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 TARGET = 8
 SETTINGS = ["train.steps=9", "train.batch_size=1", "srpo.rollout_steps=2", "srpo.grid_points=40",
             "srpo.window_margin=2", "eval.before=false", "run.checkpoint_every=1", "run.progress=false",

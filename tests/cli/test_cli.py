@@ -13,7 +13,7 @@ import yaml
 from directalign.cli import main
 from directalign.engine.config import build_config, load_config
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 def _assert_user_error(capsys, argv, *needles):
@@ -105,7 +105,7 @@ def test_print_config_round_trips(capsys):
     out, err = capsys.readouterr()
     data = yaml.safe_load(out)
     cfg = build_config(data)
-    expected = load_config(Path(__file__).resolve().parents[1] / "src" / "directalign" / "configs" / "tiny-srpo.yaml",
+    expected = load_config(Path(__file__).resolve().parents[2] / "src" / "directalign" / "configs" / "tiny-srpo.yaml",
                            ["train.steps=7", "srpo.window=[10,25]", "train.learning_rate=1e-4",
                             "reward.positive_words=[Real, Detail]"])
     assert cfg == expected

@@ -35,7 +35,7 @@ def _free_port() -> int:
 
 def _torchrun(cfg_path: Path, world_dir: Path, steps: int, resume: bool = False, launcher: str = "torchrun") -> None:
     env = dict(os.environ, DIRECTALIGN_WORLD_DIR=str(world_dir), OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[2] / "src"), os.environ.get("PYTHONPATH", "")]))
     if launcher == "torchrun":
         launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
                   "127.0.0.1", "--master_port", str(_free_port())]
