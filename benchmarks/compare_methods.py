@@ -7,7 +7,7 @@ of held-out reward against the number of model evaluations (NFE).
 
 Methods: SRPO, plain Direct-Align, ReFL, DRaFT-K, DRaFT-LV, AlignProp, DanceGRPO, each from its shipped
 ``configs/tiny-<method>.yaml`` (same LoRA, optimiser and evaluation settings), each trained by
-:func:`directalign.engine.trainer.train` and evaluated by :func:`directalign.evaluation.evaluate`.
+:func:`directalign.training.train` and evaluated by :func:`directalign.evaluation.evaluate`.
 
 Budget. ``--budget-minutes`` is the whole comparison's wall clock. The script measures the base model's evaluation,
 then (unless ``--steps`` fixes them) each method's seconds per optimizer step on this machine (3 steps through the
@@ -54,9 +54,20 @@ from html import escape
 from importlib import resources
 from pathlib import Path
 
-METHODS = ("srpo", "direct-align", "refl", "draft-k", "draft-lv", "alignprop", "grpo")
+def config_file(method: str) -> Path:
+    return Path(str(resources.files("directalign"))) / "configs" / f"tiny-{method}.yaml"
+
+
+def _registered_methods() -> tuple[str, ...]:
+    from directalign.methods.registry import METHODS as registered
+
+    return tuple(registered)
+
+
+# Every registered method that ships a tiny-world config (tiny-<method>.yaml) takes part.
+METHODS = tuple(m for m in _registered_methods() if config_file(m).is_file())
 LABELS = {"srpo": "SRPO", "direct-align": "Direct-Align", "refl": "ReFL", "draft-k": "DRaFT-K",
-          "draft-lv": "DRaFT-LV", "alignprop": "AlignProp", "grpo": "DanceGRPO"}
+          "draft-lv": "DRaFT-LV", "alignprop": "AlignProp", "grpo": "DanceGRPO"}  # display names; default: the name
 COLORS = ("#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#ff7f0e", "#17becf", "#7f7f7f")
 METRIC_KEYS = ("reward", "relative", "own_objective", "fidelity", "textured_share", "dark_share", "saturation",
                "brightness", "colourfulness", "hf_energy", "diversity_pixel")
@@ -67,12 +78,11 @@ def _quiet(*_a, **_k):
     pass
 
 
-def config_file(method: str) -> Path:
-    return Path(str(resources.files("directalign"))) / "configs" / f"tiny-{method}.yaml"
 
 
 def run_config(method: str, seed: int, steps: int, run_dir: Path, eval_seeds: list[int], overrides: list[str]):
-    from directalign.engine.config import build_config, load_yaml
+    from directalign.config import build_config
+    from directalign.engine.config import load_yaml
 
     fixed = [f"train.steps={steps}", f"train.seed={seed}", f"run.output_dir={run_dir}", "run.checkpoint_every=0",
              "run.progress=false", "run.report=false", "eval.before=false", "eval.best_of=1",
@@ -82,7 +92,8 @@ def run_config(method: str, seed: int, steps: int, run_dir: Path, eval_seeds: li
 
 def config_steps(method: str, overrides: list[str]) -> int:
     """``train.steps`` of the method's shipped config (with the --set overrides): the cap on planned steps."""
-    from directalign.engine.config import build_config, load_yaml
+    from directalign.config import build_config
+    from directalign.engine.config import load_yaml
 
     return build_config(load_yaml(config_file(method)), list(overrides)).train.steps
 
@@ -130,14 +141,18 @@ def worker_base(spec: dict) -> dict:
     """The base model (no training), evaluated once: the NFE = 0 point of every curve and the drift reference."""
     import torch
 
-    from directalign.engine.trainer import load_adapter, load_reward, resolve_device
+    from directalign.adapters.loading import load_adapter
+    from directalign.engine.finetune import DTYPES, resolve_device
+    from directalign.evaluation import held_out_form
     from directalign.prompts import load_prompts
+    from directalign.rewards.registry import load_reward
 
     t0 = time.time()
     cfg = run_config("srpo", 42, 1, Path(spec["workdir"]) / "base", spec["eval_seeds"], spec["overrides"])
     device = resolve_device(cfg.model.device)
     torch.manual_seed(0)
-    adapter, reward = load_adapter(cfg, device), load_reward(cfg, device)
+    adapter = load_adapter(cfg.model, device, DTYPES[cfg.model.dtype])
+    reward = load_reward(cfg.reward, device, held_out_form(cfg)[0])
     t1 = time.time()
     point = evaluate_point(adapter, reward, cfg, load_prompts(cfg.eval.prompts))
     point["own_objective"] = None  # each method's own objective differs; the base has none of its own
@@ -147,8 +162,8 @@ def worker_base(spec: dict) -> dict:
 
 def worker_calibrate(spec: dict) -> dict:
     """Seconds per optimizer step of one method: 4 engine steps, the median of the last three."""
-    from directalign.engine.trainer import train
     from directalign.logging_utils import read_metrics
+    from directalign.training import train
 
     run_dir = Path(spec["workdir"]) / f"calibrate-{spec['method']}"
     cfg = run_config(spec["method"], 42, 5, run_dir, spec["eval_seeds"], spec["overrides"])
@@ -161,7 +176,10 @@ def worker_calibrate(spec: dict) -> dict:
 
 def worker_run(spec: dict) -> dict:
     """Train one (method, seed) in sessions that end at the evaluation points; evaluate after each."""
-    from directalign.engine.trainer import load_reward, resolve_device, train
+    from directalign.engine.finetune import resolve_device
+    from directalign.evaluation import held_out_form
+    from directalign.rewards.registry import load_reward
+    from directalign.training import train
     from directalign.logging_utils import read_metrics
     from directalign.prompts import load_prompts
 
@@ -175,7 +193,7 @@ def worker_run(spec: dict) -> dict:
         cfg = run_config(spec["method"], spec["seed"], spec["steps"] + 1, run_dir, spec["eval_seeds"],
                          spec["overrides"])
     prompts = load_prompts(cfg.eval.prompts)
-    reward = load_reward(cfg, resolve_device(cfg.model.device))
+    reward = load_reward(cfg.reward, resolve_device(cfg.model.device), held_out_form(cfg)[0])
     points, prev = [], 0
     for p in eval_points(spec["steps"], spec["eval_points"]):
         result = train(cfg, resume=prev > 0, overwrite=prev == 0, max_steps_this_session=p - prev, log=_quiet)
@@ -314,7 +332,7 @@ def markdown(report: dict) -> str:
         + " | 0 | 0 | 0 | - |",
     ]
     for m, agg in report["aggregates"].items():
-        lines.append(f"| {LABELS[m]} | {agg['steps']} | " + " | ".join(fmt(agg[k]) for k in METRIC_KEYS) + " | "
+        lines.append(f"| {LABELS.get(m, m)} | {agg['steps']} | " + " | ".join(fmt(agg[k]) for k in METRIC_KEYS) + " | "
                      + " | ".join(fmt(agg[k], 1) for k in ("nfe_no_grad", "nfe_grad", "train_seconds"))
                      + f" | {fmt(agg['peak_memory_mb'], 0)} |")
     lines += ["", "![held-out reward against NFE](reward_vs_nfe.svg)", "",
@@ -324,7 +342,7 @@ def markdown(report: dict) -> str:
     for m, agg in report["aggregates"].items():
         after = {k: agg[k][0] for k in M.DRIFT_THRESHOLDS if k in agg}
         for w in M.drift_warnings(base_ind, after):
-            lines.append(f"- {LABELS[m]}: {w}")
+            lines.append(f"- {LABELS.get(m, m)}: {w}")
             any_warning = True
     if not any_warning:
         lines.append("- none")
@@ -342,10 +360,10 @@ def markdown(report: dict) -> str:
         "allocated memory (GPU).",
         "- Values: mean ± sample std over training seeds at the end of each run.",
     ]
-    steps_line = ", ".join(f"{LABELS[m]} {s}" for m, s in report["steps"].items())
+    steps_line = ", ".join(f"{LABELS.get(m, m)} {s}" for m, s in report["steps"].items())
     lines += ["", f"Steps per method: {steps_line}."]
     if report.get("calibration"):
-        cal = ", ".join(f"{LABELS[m]} {c['seconds_per_step']:.2f}" for m, c in report["calibration"].items())
+        cal = ", ".join(f"{LABELS.get(m, m)} {c['seconds_per_step']:.2f}" for m, c in report["calibration"].items())
         lines += [f"Measured seconds per step: {cal}."]
     return "\n".join(lines) + "\n"
 
@@ -522,7 +540,7 @@ def main(argv=None, log=print) -> dict | None:
         for m in methods:
             if m not in fixed:
                 calib[m] = call_worker("calibrate", dict(common, method=m), args.in_process, log_dir)
-                log(f"calibration {LABELS[m]}: {calib[m]['seconds_per_step']:.2f} s/step")
+                log(f"calibration {LABELS.get(m, m)}: {calib[m]['seconds_per_step']:.2f} s/step")
         runs_n = len(methods) * args.seeds
         n_evals = len(eval_points(10**6, args.eval_points))
         overhead = startup + n_evals * base["eval_seconds"]
@@ -538,7 +556,7 @@ def main(argv=None, log=print) -> dict | None:
         if all(m in calib for m in methods):
             estimate = elapsed + sum(args.seeds * (overhead + steps[m] * calib[m]["seconds_per_step"])
                                      for m in methods)
-        log("plan: " + ", ".join(f"{LABELS[m]} {steps[m]} steps" for m in methods) + f"; {args.seeds} seed(s)"
+        log("plan: " + ", ".join(f"{LABELS.get(m, m)} {steps[m]} steps" for m in methods) + f"; {args.seeds} seed(s)"
             + (f"; estimated total {estimate / 60:.1f} min" if estimate is not None else ""))
         if args.plan_only:
             return {"steps": steps, "calibration": calib,
@@ -553,7 +571,7 @@ def main(argv=None, log=print) -> dict | None:
                 r = call_worker("run", spec, args.in_process, log_dir)
                 runs[m].append(r)
                 f = r["points"][-1]
-                log(f"{LABELS[m]} seed {seed}: {steps[m]} steps, reward {f['reward']:.4f}, relative "
+                log(f"{LABELS.get(m, m)} seed {seed}: {steps[m]} steps, reward {f['reward']:.4f}, relative "
                     f"{f['relative']:.4f}, {f['train_seconds']:.0f} s training, {r['wall_seconds']:.0f} s total")
     finally:
         if not args.workdir and not args.keep_runs:
@@ -570,7 +588,7 @@ def main(argv=None, log=print) -> dict | None:
     }
     (out / "results.json").write_text(json.dumps(clean(report), indent=1))
     (out / "table.md").write_text(markdown(report))
-    series = {LABELS[m]: [(c["nfe"], c["reward"]) for c in aggregates[m]["curve"]] for m in methods}
+    series = {LABELS.get(m, m): [(c["nfe"], c["reward"]) for c in aggregates[m]["curve"]] for m in methods}
     (out / "reward_vs_nfe.svg").write_text(svg_plot(series, base["point"]["reward"],
                                                     "Held-out reward vs model evaluations (tiny world)",
                                                     "transformer evaluations per sample row, with + without "

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import random
 import resource
 import statistics
 import sys
@@ -25,8 +24,12 @@ from pathlib import Path
 import torch
 
 from directalign.compat import quiet_loading
-from directalign.engine.config import build_config
-from directalign.engine.trainer import apply_finetune_mode, load_adapter, load_reward, make_method
+from directalign.adapters.loading import load_adapter
+from directalign.config import build_config, packaged_config
+from directalign.engine.context import StepContext
+from directalign.engine.finetune import DTYPES, apply_finetune_mode
+from directalign.methods.registry import METHODS
+from directalign.rewards.registry import load_reward
 
 
 class PhaseTimer:
@@ -80,10 +83,11 @@ def flux_shaped_world(root: Path, size: int) -> Path:
 def profile(name: str, overrides: list[str], steps: int, data: dict | None = None) -> dict:
     cfg = build_config(data or {}, overrides)
     device = torch.device("cpu")
-    adapter = load_adapter(cfg, device)
-    reward = load_reward(cfg, device)
-    method = make_method(cfg, adapter, reward)
-    params = apply_finetune_mode(cfg, adapter)
+    adapter = load_adapter(cfg.model, device, DTYPES[cfg.model.dtype])
+    spec = METHODS[cfg.method]
+    reward = load_reward(cfg.reward, device, spec.held_out_form(cfg)[0])
+    method = spec.build(cfg, adapter, reward)
+    params = apply_finetune_mode(cfg.train, adapter)
     opt = torch.optim.AdamW(params, lr=cfg.train.learning_rate)
     timer = PhaseTimer()
     instrument(method, timer)
@@ -102,8 +106,8 @@ def profile(name: str, overrides: list[str], steps: int, data: dict | None = Non
 
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        method.accumulate_gradients(step, prompts, torch.Generator().manual_seed(step), random.Random(step),
-                                    backward=backward)
+        ctx = StepContext(step=step, prompts=prompts, seed=cfg.train.seed, batch_size=len(prompts))
+        method.train_step(ctx, backward)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         total = time.perf_counter() - t0
@@ -128,8 +132,6 @@ def main(argv=None) -> None:
     quiet_loading()
     torch.set_num_threads(2)
     import yaml
-
-    from directalign.cli import packaged_config
 
     default = yaml.safe_load(packaged_config("tiny-srpo").read_text())
     results = [profile("tiny-srpo (default job)", [], args.steps, default)]

@@ -1,8 +1,11 @@
-"""Configuration: defaults, YAML + --set parsing, unknown keys, types, ranges, choices, shipped configs."""
+"""Configuration: defaults, YAML + --set parsing, unknown keys, types, ranges, choices, shipped configs, the one
+section per method (a section of another method and a renamed key are one-line errors), Config value semantics."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import pickle
 import re
 from importlib import resources
 from pathlib import Path
@@ -12,21 +15,40 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from directalign.engine.config import (
-    CHOICES,
+from directalign.config import (
+    RENAMED,
     Config,
-    ConfigError,
+    all_choices,
     build_config,
     diff_from_defaults,
     load_config,
-    load_yaml,
-    parse_override,
+    packaged_config,
     validate,
 )
+from directalign.engine.config import (
+    SHARED_SECTIONS,
+    ConfigError,
+    load_yaml,
+    parse_override,
+)
+from directalign.methods.registry import METHODS, sections
+
+CHOICES = all_choices()
+SECTION_OWNERS = sections()  # {section: [methods using it]}
 
 
-def _sections():
-    return {f.name: f for f in dataclasses.fields(Config)}
+def _keys_of(method: str) -> list[str]:
+    """The top-level keys of a resolved config of ``method``, in order."""
+    return ["method", "model", "reward", "sampling", METHODS[method].section, "train", "eval", "run"]
+
+
+def _owners(key: str) -> list[str | None]:
+    """The methods a dotted key can be set with (None: any method, the key is in a shared section or is method)."""
+    return SECTION_OWNERS.get(key.split(".")[0], [None]) if "." in key else [None]
+
+
+def _with_method(method: str | None, *overrides: str) -> list[str]:
+    return ([f"method={method}"] if method else []) + list(overrides)
 
 
 # --------------------------------------------------------------------------------------------------- defaults
@@ -36,12 +58,21 @@ def test_defaults_validate_and_match_official_settings():
     assert build_config() == cfg
     assert build_config({}, []) == cfg
     s, t = cfg.srpo, cfg.train
-    assert (s.rollout_steps, s.shift, s.train_guidance) == (25, 3.0, 3.5)
+    assert (s.rollout_steps, cfg.sampling.shift, s.train_guidance) == (25, 3.0, 3.5)
     assert s.window == [5, 25] and s.grid_points == 1000 and s.groundtruth_ratio == 0.9
     assert s.discount_pos == [0.1, 0.25] and s.discount_inv == [0.3, 0.01]
     assert s.loss == "hinge" and s.hinge_threshold == 0.7
     assert t.learning_rate == 5e-6 and t.weight_decay == 1e-4 and t.grad_clip == 0.1
+    assert cfg.reward.relative_k == 0.175 and cfg.reward.clamp_resized is True
     assert diff_from_defaults(cfg) == {}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_defaults_of_every_method_validate(method):
+    cfg = Config(method)
+    validate(cfg)
+    assert build_config({}, [f"method={method}"]) == cfg
+    assert diff_from_defaults(cfg) == ({} if method == "srpo" else {"method": method})
 
 
 def test_defaults_are_not_shared_between_instances():
@@ -68,7 +99,7 @@ def test_parse_override_malformed(bad):
 
 def test_set_overrides_parse_types():
     cfg = build_config({}, [
-        "train.learning_rate=1e-3", "train.weight_decay=0", "srpo.shift=2", "train.adam_eps=1E-10",
+        "train.learning_rate=1e-3", "train.weight_decay=0", "sampling.shift=2", "train.adam_eps=1E-10",
         "srpo.window=[10, 30]", "reward.positive_words=[Real, Detail]", "eval.seeds=[3,4,5]",
         "train.gradient_checkpointing=true", "run.progress=False", "srpo.inversion_branch=no",
         "train.adam_betas=[0.8, 0.99]", "srpo.discount_pos=[-0.1, 2e-1]", "run.output_dir=runs/x y",
@@ -77,7 +108,7 @@ def test_set_overrides_parse_types():
     t, s = cfg.train, cfg.srpo
     assert t.learning_rate == 1e-3 and isinstance(t.learning_rate, float)
     assert t.weight_decay == 0.0 and isinstance(t.weight_decay, float)
-    assert s.shift == 2.0 and isinstance(s.shift, float)
+    assert cfg.sampling.shift == 2.0 and isinstance(cfg.sampling.shift, float)
     assert t.adam_eps == 1e-10
     assert s.window == [10, 30]
     assert cfg.reward.positive_words == ["Real", "Detail"]
@@ -92,11 +123,11 @@ def test_set_overrides_parse_types():
 
 def test_later_overrides_win_and_merge_with_yaml(tmp_path):
     f = tmp_path / "c.yaml"
-    f.write_text("train:\n  steps: 10\n  learning_rate: 1e-4\nsrpo:\n  window: [4, 20]\n  shift: 1.0\n")
-    cfg = load_config(f, ["train.steps=12", "train.steps=13", "srpo.shift=2.5"])
+    f.write_text("train:\n  steps: 10\n  learning_rate: 1e-4\nsrpo:\n  window: [4, 20]\nsampling:\n  shift: 1.0\n")
+    cfg = load_config(f, ["train.steps=12", "train.steps=13", "sampling.shift=2.5"])
     assert cfg.train.steps == 13
     assert cfg.train.learning_rate == 1e-4  # YAML file exponent without a dot
-    assert cfg.srpo.window == [4, 20] and cfg.srpo.shift == 2.5
+    assert cfg.srpo.window == [4, 20] and cfg.sampling.shift == 2.5
     # untouched keys of a section given in the file keep their defaults
     assert cfg.train.batch_size == Config().train.batch_size
     assert cfg.srpo.grid_points == 1000
@@ -126,14 +157,25 @@ def test_yaml_errors(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------- unknown keys
-def test_unknown_top_level_key_names_it_and_lists_allowed():
+@pytest.mark.parametrize("method", list(METHODS))
+def test_unknown_top_level_key_names_it_and_lists_allowed(method):
+    """The allowed keys listed are the method's own: the shared sections and its one section, no other method's."""
     with pytest.raises(ConfigError) as e:
-        build_config({}, ["trian.steps=3"])
+        build_config({}, [f"method={method}", "trian.steps=3"])
     msg = str(e.value)
     assert "'trian'" in msg
-    for name in _sections():
-        assert name in msg
+    allowed = msg.split("allowed keys here: ")[1].split(", ")
+    assert sorted(allowed) == sorted(_keys_of(method))
     assert "\n" not in msg
+
+
+def test_unknown_key_with_a_line_break_is_one_line():
+    """A YAML key or --set key holding a line break is quoted, so the message stays one line."""
+    for data, overrides in [({}, ["a\nb=1"]), ({}, ["train.st\neps=1"]), ({"x\ry": 1}, []),
+                            ({"train": {"steps\u2028": 1}}, [])]:
+        with pytest.raises(ConfigError, match="unknown config key") as e:
+            build_config(data, overrides)
+        assert len(str(e.value).splitlines()) == 1, str(e.value)
 
 
 def test_unknown_nested_key_names_it_and_lists_allowed():
@@ -197,7 +239,7 @@ def test_integral_float_accepted_for_int():
     (["srpo.denoise_branch=false", "srpo.inversion_branch=false"], "srpo.denoise_branch"),
     (["srpo.rollout_steps=0"], "srpo.rollout_steps"),
     (["srpo.grid_points=11"], "srpo.grid_points"),
-    (["srpo.shift=0"], "srpo.shift"),
+    (["sampling.shift=0"], "sampling.shift"),
     (["train.adam_betas=[0.9, 1.0]"], "train.adam_betas"),
     (["train.ema_decay=1.0"], "train.ema_decay"),
     (["train.grad_clip=-1"], "train.grad_clip"),
@@ -220,17 +262,50 @@ def test_in_range_edges_accepted():
     assert cfg.srpo.window == [1, 50]
 
 
-@pytest.mark.parametrize("key", sorted(CHOICES))
-def test_bad_choice_lists_allowed_values(key):
+def test_all_choices_cover_every_section_of_every_method():
+    """Every field declared with choice(...) in a shared section or a method's section is in all_choices()."""
+    declared = {"method", "model.family", "reward.kind"}
+    for name, cls in [*SHARED_SECTIONS.items(), *((s.section, s.config) for s in METHODS.values())]:
+        declared |= {f"{name}.{f.name}" for f in dataclasses.fields(cls) if f.metadata.get("choices")}
+    assert set(CHOICES) == declared
+    assert CHOICES["method"] == tuple(METHODS)
+    assert {"grpo.sde", "alignprop.truncation", "srpo.loss", "train.finetune"} <= set(CHOICES)
+    assert all(len(v) >= 2 for v in CHOICES.values())
+
+
+_CHOICE_CASES = [(key, m) for key in sorted(CHOICES) for m in _owners(key)]
+
+
+@pytest.mark.parametrize("key,method", _CHOICE_CASES, ids=[f"{k}-{m or 'any'}" for k, m in _CHOICE_CASES])
+def test_bad_choice_lists_allowed_values(key, method):
+    """Every choice field of every section (set with its own method) rejects a value outside its set, one line."""
     with pytest.raises(ConfigError) as e:
-        build_config({}, [f"{key}=not-a-choice"])
+        build_config({}, _with_method(method, f"{key}=not-a-choice"))
     msg = str(e.value)
-    assert msg.startswith(key) and "not-a-choice" in msg
-    for allowed in CHOICES[key]:
-        assert str(allowed) in msg
+    assert msg.startswith(key) and "not-a-choice" in msg and "\n" not in msg
+    assert msg.endswith("choose one of " + ", ".join(map(str, CHOICES[key])))
+
+
+# fields another field constrains: an allowed value needs a companion setting to be valid as a whole
+_COMPANIONS = {("train.distributed", "fsdp"): ["train.finetune=full"]}
+
+
+@pytest.mark.parametrize("key,method", _CHOICE_CASES, ids=[f"{k}-{m or 'any'}" for k, m in _CHOICE_CASES])
+def test_every_allowed_choice_is_accepted(key, method):
+    for value in CHOICES[key]:
+        cfg = build_config({}, _with_method(method, f"{key}={value}", *_COMPANIONS.get((key, value), [])))
+        got = cfg
+        for part in key.split("."):
+            got = getattr(got, part)
+        assert got == value
 
 
 # --------------------------------------------------------------------------------------------------- diff
+def test_diff_from_defaults_of_another_method():
+    cfg = build_config({}, ["method=grpo", "grpo.sde=flow", "sampling.shift=1.0"])
+    assert diff_from_defaults(cfg) == {"method": "grpo", "grpo.sde": "flow", "sampling.shift": 1.0}
+
+
 def test_diff_from_defaults():
     cfg = build_config({}, ["train.steps=7", "srpo.window=[10,25]", "reward.form=relative", "run.progress=false",
                             "train.learning_rate=5e-6"])  # the default value: not a difference
@@ -248,11 +323,17 @@ def test_there_are_shipped_configs():
     assert any(p.name == "tiny-srpo.yaml" for p in _shipped())
 
 
+def test_every_method_has_a_shipped_config():
+    shipped = {load_config(p).method for p in _shipped()}
+    assert shipped == set(METHODS)
+
+
 @pytest.mark.parametrize("path", _shipped(), ids=lambda p: p.name)
 def test_shipped_configs_load_and_validate(path):
     raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     cfg = load_config(path)
     validate(cfg)
+    assert packaged_config(path.stem) == path
     # every key written in the file is honoured (nothing silently dropped or left as a string)
     for section, values in raw.items():
         if isinstance(values, dict):
@@ -261,8 +342,14 @@ def test_shipped_configs_load_and_validate(path):
                 assert got == v or (isinstance(v, str) and got == float(v)), f"{section}.{k}"
         else:
             assert getattr(cfg, section) == values
-    # YAML round trip
-    assert build_config(yaml.safe_load(cfg.to_yaml())) == cfg
+    # the file writes no section of another method, and the resolved config holds exactly its own keys
+    own = METHODS[cfg.method].section
+    assert not (set(raw) & set(SECTION_OWNERS)) - {own}
+    dumped = yaml.safe_load(cfg.to_yaml())
+    assert list(dumped) == _keys_of(cfg.method)
+    assert list(cfg.to_dict()) == _keys_of(cfg.method)
+    # YAML round trip (Config.__eq__)
+    assert build_config(dumped) == cfg
 
 
 def test_tiny_config_settings():
@@ -286,7 +373,7 @@ def test_non_positive_steps_rejected(n):
         build_config({}, [f"train.steps={n}"])
 
 
-_KNOWN = {f.name for f in dataclasses.fields(Config)}
+_KNOWN = {"method", *SHARED_SECTIONS, *SECTION_OWNERS}
 _KEY = st.from_regex(re.compile(r"[A-Za-z_][A-Za-z0-9_\-]{0,15}"), fullmatch=True)
 
 
@@ -299,11 +386,99 @@ def test_random_top_level_junk_keys_rejected(key, value):
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
-@given(st.sampled_from(sorted(_KNOWN - {"method"})), _KEY)
-def test_random_nested_junk_keys_rejected(section, key):
-    fields = {f.name for f in dataclasses.fields(getattr(Config(), section))}
+@given(st.sampled_from(list(METHODS)), st.sampled_from(sorted(_KNOWN - {"method"})), _KEY)
+def test_random_nested_junk_keys_rejected(method, section, key):
+    """With the section's own method; a renamed key (srpo.shift) gets its hint, which names the key too."""
+    if section in SECTION_OWNERS and method not in SECTION_OWNERS[section]:
+        method = SECTION_OWNERS[section][0]
+    fields = {f.name for f in dataclasses.fields(getattr(Config(method), section))}
     if key in fields:
         return
     with pytest.raises(ConfigError) as e:
-        build_config({}, [f"{section}.{key}=1"])
-    assert f"{section}.{key}" in str(e.value)
+        build_config({}, [f"method={method}", f"{section}.{key}=1"])
+    assert f"{section}.{key}" in str(e.value) and "\n" not in str(e.value)
+
+
+# --------------------------------------------------------------------------------------------------- one section
+@pytest.mark.parametrize("method", list(METHODS))
+def test_resolved_config_holds_exactly_the_methods_keys(method):
+    cfg = Config(method)
+    assert list(cfg.to_dict()) == _keys_of(method)
+    assert list(yaml.safe_load(cfg.to_yaml())) == _keys_of(method)
+    assert cfg.method_section is getattr(cfg, METHODS[method].section)
+    assert [name for name, _ in cfg.section_items()] == _keys_of(method)[1:]
+
+
+_FOREIGN = [(m, s) for m in METHODS for s in SECTION_OWNERS if s != METHODS[m].section]
+
+
+@pytest.mark.parametrize("method,section", _FOREIGN, ids=[f"{m}-{s}" for m, s in _FOREIGN])
+def test_a_section_of_another_method_is_a_one_line_error_naming_its_method(method, section, tmp_path):
+    owners = SECTION_OWNERS[section]
+    key = dataclasses.fields(METHODS[owners[0]].config)[0].name  # a real key of that section
+    f = tmp_path / "c.yaml"
+    f.write_text(f"method: {method}\n{section}: {{}}\n", encoding="utf-8")
+    attempts = [lambda: build_config({}, [f"method={method}", f"{section}.{key}=1"]),
+                lambda: build_config({"method": method, section: {}}),
+                lambda: build_config({"method": method, section: None}),
+                lambda: load_config(f)]
+    for attempt in attempts:
+        with pytest.raises(ConfigError) as e:
+            attempt()
+        msg = str(e.value)
+        assert msg == (f"section '{section}' belongs to method {' / '.join(owners)}, but method is {method}; "
+                       f"remove the section or set method: {owners[0]}")
+    # with the section's own method the same settings load
+    for owner in owners:
+        assert build_config({"method": owner, section: {}}) == Config(owner)
+
+
+def test_a_section_of_another_method_is_not_an_attribute():
+    cfg = Config("srpo")
+    with pytest.raises(AttributeError, match="grpo"):
+        _ = cfg.grpo
+    assert not hasattr(cfg, "draft") and hasattr(cfg, "srpo")
+    assert hasattr(Config("draft-lv"), "draft") and not hasattr(Config("draft-lv"), "srpo")
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_renamed_srpo_shift_gives_the_new_key(method, tmp_path):
+    """``srpo.shift`` moved to ``sampling.shift``: in a YAML or via --set, with any method, a one-line hint."""
+    assert RENAMED == {"srpo.shift": "sampling.shift"}
+    f = tmp_path / "c.yaml"
+    f.write_text(f"method: {method}\nsrpo:\n  shift: 2.0\n", encoding="utf-8")
+    expected = "config key 'srpo.shift' was renamed; use sampling.shift instead"
+    for attempt in (lambda: load_config(f), lambda: build_config({}, [f"method={method}", "srpo.shift=2.0"]),
+                    lambda: load_config(packaged_config("tiny-srpo"), ["srpo.shift=1"])):
+        with pytest.raises(ConfigError) as e:
+            attempt()
+        assert str(e.value) == expected
+    assert build_config({}, [f"method={method}", "sampling.shift=2.0"]).sampling.shift == 2.0
+
+
+# --------------------------------------------------------------------------------------------------- Config values
+@pytest.mark.parametrize("method", list(METHODS))
+def test_config_copies_pickles_and_compares_by_value(method):
+    cfg = build_config({}, [f"method={method}", "train.steps=7", "sampling.shift=2.0"])
+    for twin in (copy.deepcopy(cfg), pickle.loads(pickle.dumps(cfg)), build_config(yaml.safe_load(cfg.to_yaml()))):
+        assert twin == cfg and twin is not cfg
+        assert twin.method == method and twin.method_section == cfg.method_section
+    deep = copy.deepcopy(cfg)
+    deep.train.steps = 8
+    assert deep != cfg and cfg.train.steps == 7  # a deep copy shares no section
+    assert cfg != cfg.defaults() and cfg.defaults() == Config(method)
+    assert cfg != cfg.to_dict() and cfg != None
+
+
+def test_configs_of_different_methods_differ():
+    assert Config("srpo") != Config("direct-align")  # same sections, different method
+    assert Config("draft-k") != Config("draft-lv")
+
+
+def test_assigning_a_section_replaces_it():
+    cfg = Config()
+    cfg.train = dataclasses.replace(cfg.train, steps=3)
+    assert cfg.to_dict()["train"]["steps"] == 3 and cfg != Config()
+    assert yaml.safe_load(cfg.to_yaml())["train"]["steps"] == 3
+    with pytest.raises(AttributeError, match="grpo"):
+        cfg.grpo = Config("grpo").grpo

@@ -19,8 +19,8 @@ RUN_SETTINGS = ["train.steps=2", "train.batch_size=2", "srpo.rollout_steps=2", "
 @pytest.fixture(scope="module")
 def tiny_run(random_world_dir, tmp_path_factory):
     """A finished 2-step SRPO + LoRA run on the random world (learning rate high enough to move the reward)."""
-    from directalign.engine.config import build_config
-    from directalign.engine.trainer import train
+    from directalign.config import build_config
+    from directalign.training import train
 
     out = tmp_path_factory.mktemp("eval-run") / "run"
     with pytest.MonkeyPatch.context() as mp:
@@ -158,7 +158,7 @@ def test_report_html_is_self_contained(random_world, tiny_run, tmp_path, capsys)
 
 def test_report_warns_on_drift(tmp_path):
     """A fabricated run whose 'after' samples are saturated red: the report says so."""
-    from directalign.engine.config import build_config
+    from directalign.config import build_config
     from directalign.report import render_report
     from directalign.report_images import save_grid
     import torch

@@ -1,7 +1,8 @@
 """Property-based tests (hypothesis) of the flow math and the config parser, beyond tests/test_flow.py and
 tests/test_config.py: inverses and compositions of the time shift, exact Euler integration for any schedule, the
 window draw's invariants for any grid size, ratio and margin, and a config parser that round-trips every valid
-override set and answers every invalid value with a ConfigError naming the key (never another exception)."""
+override set of every method and answers every invalid value (a wrong type, a value out of range, a key of another
+method's section) with a one-line ConfigError naming the key (never another exception)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,15 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from directalign import flow
-from directalign.engine.config import CHOICES, Config, ConfigError, build_config, diff_from_defaults, load_config
+from directalign.config import (
+    Config,
+    all_choices,
+    build_config,
+    diff_from_defaults,
+    load_config,
+)
+from directalign.engine.config import SHARED_SECTIONS, ConfigError
+from directalign.methods.registry import METHODS, sections
 
 FAST = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 unit = st.floats(0.0, 1.0, allow_nan=False)
@@ -195,7 +204,12 @@ def test_ramps_hit_their_ends_and_stay_between(n, a, b, shift, data):
 
 
 # ================================================================================================= config
-def _leaves(cls=Config, prefix=""):
+CHOICES = all_choices()
+OWNERS = sections()  # {method section: [methods using it]}
+ALL_SECTIONS = {**SHARED_SECTIONS, **{spec.section: spec.config for spec in METHODS.values()}}
+
+
+def _leaves(cls, prefix):
     """(dotted key, annotated type) of every setting, found from the dataclasses (new settings are covered too)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -206,9 +220,19 @@ def _leaves(cls=Config, prefix=""):
             yield key, tp
 
 
-LEAVES = dict(_leaves())
-SECTIONS = [f.name for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.type) or
-            dataclasses.is_dataclass(typing.get_type_hints(Config)[f.name])]
+# every setting of every section of every method
+LEAVES = {key: tp for name, cls in ALL_SECTIONS.items() for key, tp in _leaves(cls, name + ".")}
+SECTIONS = sorted(ALL_SECTIONS)
+
+
+def _method_of(key: str) -> str:
+    """A method whose config holds ``key`` (the default method for a shared section)."""
+    return OWNERS.get(key.split(".")[0], ["srpo"])[0]
+
+
+def _method_keys(method: str) -> set[str]:
+    own = {"method", *SHARED_SECTIONS, METHODS[method].section}
+    return {k for k in LEAVES if k.split(".")[0] in own}
 
 
 def _nest(key: str, value) -> dict:
@@ -246,8 +270,9 @@ def _fmt(v) -> str:
 
 @st.composite
 def valid_overrides(draw) -> dict:
-    """A random set of valid settings {dotted key: value}, consistent across fields."""
-    out: dict = {}
+    """A random set of valid settings {dotted key: value} of a random method, consistent across fields."""
+    method = draw(st.sampled_from(list(METHODS)))
+    out: dict = {"method": method}
     simple = {
         "train.steps": st.integers(1, 10**9), "train.batch_size": st.integers(1, 64), "train.learning_rate": pos,
         "train.weight_decay": st.floats(0, 1), "train.grad_clip": st.floats(0, 100), "train.warmup_steps":
@@ -255,7 +280,7 @@ def valid_overrides(draw) -> dict:
         "train.lora_alpha": pos, "train.lora_dropout": st.floats(0, 0.99), "train.seed": st.integers(0, 2**63 - 1),
         "train.adam_betas": st.lists(st.floats(0, 0.999), min_size=2, max_size=2),
         "train.shuffle_prompts": st.booleans(), "train.gradient_checkpointing": st.booleans(),
-        "srpo.shift": st.floats(0.01, 20), "srpo.rollout_steps": st.integers(1, 100),
+        "sampling.shift": st.floats(0.01, 20), "srpo.rollout_steps": st.integers(1, 100),
         "srpo.groundtruth_ratio": st.floats(0, 0.999), "srpo.hinge_threshold": st.floats(-10, 10),
         "srpo.quantize_timestep": st.integers(0, 10_000), "srpo.samples_per_rollout": st.integers(1, 4),
         "srpo.denoise_branch": st.just(True), "srpo.inversion_branch": st.booleans(),
@@ -264,14 +289,17 @@ def valid_overrides(draw) -> dict:
         "run.checkpoint_every": st.integers(0, 100), "reward.positive_words": st.lists(words, min_size=1,
                                                                                        max_size=3),
         "reward.negative_words": st.lists(words, min_size=1, max_size=3), "model.height": st.integers(8, 4096),
-        "train.prompts": paths,
+        "train.prompts": paths, "reward.relative_k": st.floats(-1, 1), "reward.clamp_resized": st.booleans(),
     }
-    simple.update({k: st.sampled_from(v) for k, v in CHOICES.items()})
-    simple = {k: v for k, v in simple.items() if k in LEAVES}
+    simple.update({k: st.sampled_from(v) for k, v in CHOICES.items() if k != "method"})
+    own = _method_keys(method)
+    simple = {k: v for k, v in simple.items() if k in own}
     for key in draw(st.sets(st.sampled_from(sorted(simple)), max_size=12)):
         out[key] = draw(simple[key])
     if out.get("train.distributed") == "fsdp":  # FSDP shards full fine-tuning only
         out["train.finetune"] = "full"
+    if METHODS[method].section != "srpo":
+        return out
     if draw(st.booleans()):
         steps = draw(st.integers(2, 200))
         t0 = draw(st.integers(1, steps - 1))
@@ -346,7 +374,7 @@ def test_wrong_types_raise_a_config_error_naming_the_key(key, data):
     value = data.draw(_wrong_for(LEAVES[key]))
     assume(not (isinstance(value, bool) and ("yes" if value else "no") in CHOICES.get(key, ())))  # YAML's no
     with pytest.raises(ConfigError) as e:
-        build_config(_nest(key, value))
+        build_config({"method": _method_of(key), **_nest(key, value)})
     msg = str(e.value)
     assert msg.startswith(key), msg
     assert "\n" not in msg
@@ -356,7 +384,7 @@ def test_wrong_types_raise_a_config_error_naming_the_key(key, data):
 @given(section=st.sampled_from(SECTIONS), value=junk_scalars.filter(lambda v: not isinstance(v, dict)))
 def test_a_section_that_is_not_a_mapping_is_a_config_error(section, value):
     with pytest.raises(ConfigError, match=section):
-        build_config({section: value})
+        build_config({"method": _method_of(section + "."), section: value})
 
 
 @st.composite
@@ -384,7 +412,7 @@ def out_of_range(draw):
         r = draw(st.one_of(st.floats(-100, -1e-9), st.floats(1.0, 100)))
         return [f"srpo.groundtruth_ratio={r!r}"], "srpo.groundtruth_ratio"
     if choice == "shift":
-        return [f"srpo.shift={draw(st.floats(-100, 0.0))!r}"], "srpo.shift"
+        return [f"sampling.shift={draw(st.floats(-100, 0.0))!r}"], "sampling.shift"
     if choice == "ema":
         e = draw(st.one_of(st.floats(-10, -1e-9), st.floats(1.0, 10)))
         return [f"train.ema_decay={e!r}"], "train.ema_decay"
@@ -423,11 +451,14 @@ yamlish = st.one_of(
 
 
 @settings(max_examples=400, deadline=None)
-@given(key=st.sampled_from(sorted(LEAVES) + ["nope", "train.nope", "srpo"]), raw=yamlish)
-def test_any_set_text_gives_a_config_or_a_config_error(key, raw):
-    """Whatever follows ``--set key=``, the parser answers with a Config or a one-line ConfigError."""
+@given(key=st.sampled_from(sorted(LEAVES) + ["nope", "train.nope", "srpo", "grpo", "srpo.shift"]), raw=yamlish,
+       method=st.sampled_from([None, *METHODS]))
+def test_any_set_text_gives_a_config_or_a_config_error(key, raw, method):
+    """Whatever follows ``--set key=``, with the key's own method or any other, the parser answers with a Config or
+    a one-line ConfigError."""
+    method = method or _method_of(key)
     try:
-        cfg = build_config({}, [f"{key}={raw}"])
+        cfg = build_config({}, [f"method={method}", f"{key}={raw}"])
     except ConfigError as e:
         assert "\n" not in str(e) or "\n" in raw
         return
@@ -438,20 +469,60 @@ def test_any_set_text_gives_a_config_or_a_config_error(key, raw):
 json_values = st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(-10**20, 10**20), st.floats(allow_nan=True), st.text(max_size=8)),
     lambda children: st.one_of(st.lists(children, max_size=3),
-                               st.dictionaries(st.sampled_from(["steps", "window", "x", "kinds", "paths", "seed"]),
+                               st.dictionaries(st.sampled_from(["steps", "window", "x", "kinds", "paths", "seed",
+                                                                "shift", "sde"]),
                                                children, max_size=3)),
     max_leaves=8,
 )
 
 
 @settings(max_examples=300, deadline=None)
-@given(data=st.dictionaries(st.sampled_from(SECTIONS + ["method", "bogus"]), json_values, max_size=3))
-def test_any_parsed_yaml_gives_a_config_or_a_config_error(data):
+@given(data=st.dictionaries(st.sampled_from(SECTIONS + ["method", "bogus"]), json_values, max_size=3),
+       method=st.sampled_from([None, *METHODS]))
+def test_any_parsed_yaml_gives_a_config_or_a_config_error(data, method):
+    if method is not None:
+        data = {"method": method, **data}
     try:
         cfg = build_config(data)
-    except ConfigError:
+    except ConfigError as e:
+        assert len(str(e).splitlines()) == 1, str(e)
         return
     assert isinstance(cfg, Config)
+    assert list(cfg.to_dict()) == ["method", "model", "reward", "sampling", METHODS[cfg.method].section, "train",
+                                   "eval", "run"]
+
+
+_FOREIGN_KEYS = [(m, k) for m in METHODS for k in sorted(LEAVES)
+                 if k.split(".")[0] in OWNERS and m not in OWNERS[k.split(".")[0]]]
+
+
+@settings(max_examples=150, deadline=None)
+@given(case=st.sampled_from(_FOREIGN_KEYS), value=st.sampled_from(["1", "x", "[1, 2]", "true", "{}"]),
+       via_set=st.booleans())
+def test_a_key_of_another_methods_section_names_the_method_it_belongs_to(case, value, via_set):
+    method, key = case
+    section = key.split(".")[0]
+    with pytest.raises(ConfigError) as e:
+        if via_set:
+            build_config({}, [f"method={method}", f"{key}={value}"])
+        else:
+            build_config({"method": method, **_nest(key, yaml.safe_load(value))})
+    msg = str(e.value)
+    assert msg.startswith(f"section '{section}' belongs to method {' / '.join(OWNERS[section])}, but method is "
+                          f"{method};"), msg
+    assert "\n" not in msg
+
+
+@settings(max_examples=60, deadline=None)
+@given(method=st.sampled_from(list(METHODS)), value=st.one_of(st.floats(allow_nan=True), st.integers(), words),
+       via_set=st.booleans())
+def test_srpo_shift_is_always_the_renamed_key_hint(method, value, via_set):
+    with pytest.raises(ConfigError) as e:
+        if via_set:
+            build_config({}, [f"method={method}", f"srpo.shift={_fmt(value)}"])
+        else:
+            build_config({"method": method, "srpo": {"shift": value, "window": [5, 25]}})
+    assert str(e.value) == "config key 'srpo.shift' was renamed; use sampling.shift instead"
 
 
 def test_yaml_no_sets_the_no_choice(tmp_path):

@@ -31,8 +31,8 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 
 @pytest.fixture(scope="module")
 def report_path(random_world_dir, tmp_path_factory):
-    from directalign.engine.config import build_config
-    from directalign.engine.trainer import train
+    from directalign.config import build_config
+    from directalign.training import train
     from directalign.report import write_report
 
     out = tmp_path_factory.mktemp("browser-run") / "run"

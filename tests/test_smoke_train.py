@@ -1,7 +1,7 @@
 import json
 
-from directalign.engine.config import build_config
-from directalign.engine.trainer import train
+from directalign.config import build_config
+from directalign.training import train
 
 
 def test_three_steps_end_to_end(random_world, tmp_path):

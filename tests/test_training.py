@@ -11,20 +11,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from directalign import data as data_mod
-from directalign.engine import checkpoint as ckpt
-from directalign.engine import trainer as trainer_mod
-from directalign.engine.config import build_config
-from directalign.engine.trainer import TrainingError, train
-from directalign.logging_utils import read_metrics
+from helpers import tiny_config
 
-FAST = ["train.batch_size=2", "srpo.rollout_steps=2", "eval.before=false", "run.progress=false",
-        "srpo.grid_points=40", "srpo.window_margin=2", "train.learning_rate=1e-3", "train.grad_clip=1.0",
-        "train.lora_rank=4", "train.lora_alpha=8", "eval.seeds=[0]", "eval.steps=2", "eval.best_of=1"]
+from directalign import data as data_mod
+from directalign import training as training_mod
+from directalign.engine import checkpoint as ckpt
+from directalign.errors import TrainingError, UserError
+from directalign.logging_utils import read_metrics
+from directalign.training import train
 
 
 def _cfg(run_dir, *extra):
-    return build_config({}, FAST + [f"run.output_dir={run_dir}"] + list(extra))
+    return tiny_config("srpo", "run.report=true", *extra, run_dir=run_dir)
 
 
 def _quiet(*_a, **_k):
@@ -51,13 +49,13 @@ def _assert_same_state(a: dict, b: dict, label: str):
 
 def _capture_reward(monkeypatch):
     box = {}
-    orig = trainer_mod.load_reward
+    orig = training_mod.load_reward
 
-    def wrapped(cfg, device):
-        box["reward"] = orig(cfg, device)
+    def wrapped(*a, **k):
+        box["reward"] = orig(*a, **k)
         return box["reward"]
 
-    monkeypatch.setattr(trainer_mod, "load_reward", wrapped)
+    monkeypatch.setattr(training_mod, "load_reward", wrapped)
     return box
 
 
@@ -212,7 +210,7 @@ def test_checkpoint_crash_keeps_previous(random_world, tmp_path, monkeypatch):
     # resuming from the surviving checkpoint finishes the run (and the next save clears the leftover)
     monkeypatch.setattr(ckpt, "save_file", real)
     cfg_done = _cfg(run, "train.steps=2", "run.checkpoint_every=1", "eval.prompts=tiny-world:heldout")
-    monkeypatch.setattr(trainer_mod, "finish", lambda *a, **k: {})
+    monkeypatch.setattr(training_mod, "finish", lambda *a, **k: {})
     train(cfg_done, resume=True, log=_quiet)
     assert ckpt.latest_checkpoint(root).name == "step-00000002"
     assert not leftover.exists()
@@ -262,10 +260,10 @@ def _nan_reward_on_step(monkeypatch, bad_step: int):
 
     box = _capture_reward(monkeypatch)
     current = {"step": None}
-    orig = srpo_mod.SRPO.accumulate_gradients
+    orig = srpo_mod.SRPO.train_step
 
-    def tracking(self, step, *a, **k):
-        current["step"] = step
+    def tracking(self, ctx, *a, **k):
+        current["step"] = ctx.step
         if "patched" not in box:
             box["patched"] = True
             reward = box["reward"]
@@ -276,9 +274,9 @@ def _nan_reward_on_step(monkeypatch, bad_step: int):
                 return out * float("nan") if current["step"] == bad_step else out
 
             reward.score_texts = score
-        return orig(self, step, *a, **k)
+        return orig(self, ctx, *a, **k)
 
-    monkeypatch.setattr(srpo_mod.SRPO, "accumulate_gradients", tracking)
+    monkeypatch.setattr(srpo_mod.SRPO, "train_step", tracking)
 
 
 def test_nonfinite_step_is_skipped(random_world, tmp_path, monkeypatch):
@@ -363,11 +361,17 @@ def test_existing_run_dir_needs_resume_or_overwrite(random_world, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "something.txt").write_text("x")
-    with pytest.raises(TrainingError, match="already exists"):
+    with pytest.raises(UserError, match="already exists"):
         train(_cfg(run, "train.steps=1"), log=_quiet)
     assert (run / "something.txt").read_text() == "x"  # untouched
-    with pytest.raises(TrainingError, match="resume"):
+    with pytest.raises(UserError, match="not a directalign run"):  # --overwrite replaces only a run directory
+        train(_cfg(run, "train.steps=1"), overwrite=True, log=_quiet)
+    assert (run / "something.txt").read_text() == "x"
+    with pytest.raises(UserError, match="resume"):
         train(_cfg(tmp_path / "nothing", "train.steps=1"), resume=True, log=_quiet)
+    # a run directory (an earlier run's own files) is replaced
+    (run / "config.yaml").write_text("method: srpo\n")
+    (run / "metrics.jsonl").write_text("")
     out = train(_cfg(run, "train.steps=2"), overwrite=True, log=_quiet, max_steps_this_session=1)
     assert not (run / "something.txt").exists()
     assert out.summary == {"step": 1}
@@ -432,19 +436,20 @@ def test_offline_mode_trains_on_captions(random_world, tmp_path, monkeypatch):
 
     captions = _write_offline_folder(tmp_path / "data")
     seen = []
-    orig = srpo_mod.SRPO.accumulate_gradients
+    orig = srpo_mod.SRPO.step_inputs
     rollouts = []
     orig_clean = srpo_mod.SRPO.clean_latents
 
-    def spy(self, step, prompts, gen, rng, noise=None, x0=None, backward=None):
+    def spy(self, ctx):
+        prompts, x0, noise, fresh = orig(self, ctx)
         seen.append((list(prompts), x0 is not None, noise is not None))
-        return orig(self, step, prompts, gen, rng, noise=noise, x0=x0, backward=backward)
+        return prompts, x0, noise, fresh
 
     def spy_clean(self, *a, **k):
         rollouts.append(1)
         return orig_clean(self, *a, **k)
 
-    monkeypatch.setattr(srpo_mod.SRPO, "accumulate_gradients", spy)
+    monkeypatch.setattr(srpo_mod.SRPO, "step_inputs", spy)
     monkeypatch.setattr(srpo_mod.SRPO, "clean_latents", spy_clean)
     run = tmp_path / "run"
     cfg = _cfg(run, "train.steps=2", f"srpo.offline_data={tmp_path / 'data'}")
@@ -465,14 +470,15 @@ def test_offline_x0_is_the_encoded_image(random_world, tmp_path, monkeypatch):
     _write_offline_folder(tmp_path / "data")
     offline = data_mod.load_offline(str(tmp_path / "data"), 32, 32)
     got = []
-    orig = srpo_mod.SRPO.accumulate_gradients
+    orig = srpo_mod.SRPO.step_inputs
 
-    def spy(self, step, prompts, gen, rng, noise=None, x0=None, backward=None):
+    def spy(self, ctx):
+        prompts, x0, noise, fresh = orig(self, ctx)
         idx = [offline.captions.index(p) for p in prompts]
         got.append(torch.allclose(x0, self.adapter.encode_images(offline.images[idx]), atol=1e-6))
-        return orig(self, step, prompts, gen, rng, noise=noise, x0=x0, backward=backward)
+        return prompts, x0, noise, fresh
 
-    monkeypatch.setattr(srpo_mod.SRPO, "accumulate_gradients", spy)
+    monkeypatch.setattr(srpo_mod.SRPO, "step_inputs", spy)
     train(_cfg(tmp_path / "run", "train.steps=1", f"srpo.offline_data={tmp_path / 'data'}"), log=_quiet,
           max_steps_this_session=1)
     assert got == [True]

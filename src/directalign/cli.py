@@ -19,7 +19,6 @@ User errors (bad config, paths, prompts, checkpoints) print one line on stderr a
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 EXIT_USER_ERROR = 2

@@ -56,6 +56,16 @@ class Config:
                                  f"{' / '.join(owners)}")
         raise AttributeError(name)
 
+    def __setattr__(self, name: str, value) -> None:
+        # ``cfg.train = ...`` replaces the section itself (else to_dict, == and to_yaml would keep the old one)
+        sections_ = self.__dict__.get("_sections")
+        if sections_ is not None and name in sections_:
+            sections_[name] = value
+        elif sections_ is not None and name in sections():
+            self.__getattr__(name)  # raises: a section of another method
+        else:
+            object.__setattr__(self, name, value)
+
     @property
     def method_section(self):
         return self._sections[self.section_name]
@@ -80,6 +90,27 @@ class Config:
 
     def __repr__(self) -> str:
         return f"Config(method={self.method!r}, ...)"
+
+
+def _field_choices(cls, prefix: str) -> dict[str, tuple]:
+    out = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.type if isinstance(f.type, type) else None):
+            continue
+        if f.metadata.get("choices"):
+            out[f"{prefix}.{f.name}"] = tuple(f.metadata["choices"])
+    return out
+
+
+def all_choices() -> dict[str, tuple]:
+    """``{"a.b": allowed values}`` of every field with a fixed set of values, in every section of every method,
+    plus ``method``, ``model.family`` and ``reward.kind`` (owned by the registries)."""
+    out: dict[str, tuple] = {"method": tuple(METHODS), "model.family": tuple(FAMILIES), "reward.kind": REWARD_KINDS}
+    for name, cls in SHARED_SECTIONS.items():
+        out.update(_field_choices(cls, name))
+    for spec in METHODS.values():
+        out.update(_field_choices(spec.config, spec.section))
+    return dict(sorted(out.items()))
 
 
 def _check_renamed(data: dict) -> None:
@@ -124,7 +155,7 @@ def build_config(data: dict | None = None, overrides: list[str] | None = None) -
             if name in owners:
                 raise ConfigError(f"section '{name}' belongs to method {' / '.join(owners[name])}, but method is "
                                   f"{method}; remove the section or set method: {owners[name][0]}")
-            raise ConfigError(f"unknown config key '{name}'; allowed keys here: method, {', '.join(allowed)}")
+            raise ConfigError(f"unknown config key {str(name)!r}; allowed keys here: method, {', '.join(allowed)}")
         built[name] = build_section(allowed[name], value, name)
     cfg = Config(method, built)
     validate(cfg)

@@ -8,21 +8,24 @@ gradients, and ``load_adapter`` loads a saved directory and names a missing comp
 
 from __future__ import annotations
 
-import random
 import shutil
 
 import numpy as np
 import pytest
 import torch
+from helpers import run_step, tiny_config
 
 from directalign import flow
-from directalign.adapters.loading import FAMILIES
+from directalign.adapters.loading import FAMILIES, load_adapter
 from directalign.adapters.qwen_image import QwenImageAdapter
 from directalign.adapters.sd3 import SD3Adapter
 from directalign.adapters.tiny import tiny_qwen_image_pipeline, tiny_sd3_pipeline
-from directalign.engine.config import build_config
-from directalign.engine.trainer import TrainingError, apply_finetune_mode, load_adapter, load_reward, make_method
+from directalign.config import build_config
+from directalign.engine.finetune import DTYPES, apply_finetune_mode
+from directalign.errors import TrainingError
+from directalign.methods.registry import METHODS
 from directalign.methods.sampling import rollout
+from directalign.rewards.registry import load_reward
 
 PROMPTS = ["a red circle on a blue background", "a green square"]
 
@@ -40,10 +43,14 @@ def _adapter(family: str, seed: int = 0):
 
 
 def _cfg(family: str, side: int, extra=()):
-    return build_config({}, [f"model.family={family}", f"model.height={side}", f"model.width={side}",
-                             "train.batch_size=2", "srpo.rollout_steps=2", "srpo.grid_points=40",
-                             "srpo.window_margin=2", "srpo.hinge_threshold=5.0", "srpo.quantize_timestep=0",
-                             "train.finetune=lora", "train.lora_rank=4", "train.lora_alpha=4", *extra])
+    """The tiny SRPO config on a tiny pipeline of ``family`` (the model itself comes from :func:`_adapter`)."""
+    return tiny_config("srpo", f"model.family={family}", f"model.height={side}", f"model.width={side}",
+                       "srpo.hinge_threshold=5.0", "srpo.quantize_timestep=0", *extra)
+
+
+def _load(cfg):
+    """``load_adapter`` of ``cfg.model`` on the CPU."""
+    return load_adapter(cfg.model, torch.device("cpu"), DTYPES[cfg.model.dtype])
 
 
 def _randomise_lora_b(transformer, seed=1):
@@ -139,14 +146,30 @@ def test_qwen_precomputed_prompt_embeddings_skip_the_text_encoder():
 def _setup(family, random_world, extra=(), finetune=True):
     adapter, side = _adapter(family)
     cfg = _cfg(family, side, extra)
-    reward = load_reward(cfg, torch.device("cpu"))
+    spec = METHODS[cfg.method]
+    reward = load_reward(cfg.reward, torch.device("cpu"), spec.held_out_form(cfg)[0])
+    method = spec.build(cfg, adapter, reward)  # before fine-tuning, as training builds it
     params = None
     if finetune:
         torch.manual_seed(0)
-        params = apply_finetune_mode(cfg, adapter)
+        params = apply_finetune_mode(cfg.train, adapter)
         if cfg.train.finetune == "lora":
             _randomise_lora_b(adapter.transformer)
-    return cfg, adapter, reward, make_method(cfg, adapter, reward), params
+    return cfg, adapter, reward, method, params
+
+
+def _record_branches(monkeypatch, method) -> list:
+    """Wrap ``method.branch_loss`` to collect each SRPO pass's BranchResult, in call order."""
+    results = []
+    orig = method.branch_loss
+
+    def recorded(*a, **k):
+        loss, res = orig(*a, **k)
+        results.append(res)
+        return loss, res
+
+    monkeypatch.setattr(method, "branch_loss", recorded)
+    return results
 
 
 def _text_encoders(adapter):
@@ -156,12 +179,13 @@ def _text_encoders(adapter):
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 @pytest.mark.parametrize("train_guidance", [1.0, 2.5])
-def test_srpo_step_gradients_reach_only_lora_parameters(family, train_guidance, random_world):
+def test_srpo_step_gradients_reach_only_lora_parameters(family, train_guidance, random_world, monkeypatch):
     cfg, adapter, reward, method, params = _setup(family, random_world, [f"srpo.train_guidance={train_guidance}"])
-    gen, rng = torch.Generator().manual_seed(3), random.Random(3)
-    results = method.accumulate_gradients(0, PROMPTS, gen, rng)
+    results = _record_branches(monkeypatch, method)
+    out = run_step(method, 0, PROMPTS, 3)
     assert [r.name for r in results] == ["denoise", "inversion"]
     assert all(np.isfinite(r.loss) for r in results)
+    assert np.isfinite(out.loss) and all(np.isfinite(v) for v in out.metrics.values())
     lora = {n: p for n, p in adapter.transformer.named_parameters() if "lora_" in n}
     assert lora and {id(p) for p in lora.values()} == {id(p) for p in params}
     last = f"transformer_blocks.{len(adapter.transformer.transformer_blocks) - 1}."
@@ -211,7 +235,7 @@ def test_lora_injection_covers_every_default_target(family):
     sigma = torch.tensor([0.5])
     with torch.no_grad():
         before = adapter.velocity(x, sigma, embeds, 1.0, side, side)
-    params = apply_finetune_mode(cfg, adapter)
+    params = apply_finetune_mode(cfg.train, adapter)
     wrapped = {n.rsplit(".lora_A", 1)[0] for n, _ in adapter.transformer.named_parameters() if ".lora_A" in n}
     for target in adapter.lora_target_modules:
         assert any(w.endswith(target) for w in wrapped), f"no LoRA on {target}"
@@ -228,7 +252,7 @@ def test_exported_lora_reloads_into_a_fresh_pipeline(family, tmp_path):
 
     adapter, side = _adapter(family)
     cfg = _cfg(family, side)
-    apply_finetune_mode(cfg, adapter)
+    apply_finetune_mode(cfg.train, adapter)
     _randomise_lora_b(adapter.transformer)
     adapter.transformer.eval()
     paths = export_weights(cfg, adapter, tmp_path / "export")
@@ -261,8 +285,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(family, random_world):
             family, random_world, [f"train.gradient_checkpointing={str(checkpointing).lower()}",
                                    "srpo.train_guidance=2.0"])
         assert adapter.transformer.gradient_checkpointing is checkpointing
-        gen, rng = torch.Generator().manual_seed(9), random.Random(9)
-        method.accumulate_gradients(1, PROMPTS, gen, rng)
+        run_step(method, 1, PROMPTS, 9)
         grads.append({n: p.grad.clone() for n, p in adapter.transformer.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for n in grads[0]:
@@ -285,7 +308,7 @@ def test_load_adapter_loads_a_saved_directory(family, saved_dirs):
     _, cls, side, seq = SPECS[family]
     cfg = build_config({}, [f"model.family={family}", f"model.path={saved_dirs[family]}", "model.device=cpu",
                             f"model.height={side}", f"model.width={side}", f"model.max_sequence_length={seq}"])
-    adapter = load_adapter(cfg, torch.device("cpu"))
+    adapter = _load(cfg)
     assert isinstance(adapter, cls) and adapter.family == family
     ref, _ = _adapter(family)
     x = ref.noise(1, side, side, torch.Generator().manual_seed(0))
@@ -303,7 +326,7 @@ def test_load_adapter_names_a_missing_component(family, component, saved_dirs, t
     shutil.rmtree(broken / component)
     cfg = build_config({}, [f"model.family={family}", f"model.path={broken}", "model.device=cpu"])
     with pytest.raises(TrainingError) as e:
-        load_adapter(cfg, torch.device("cpu"))
+        _load(cfg)
     msg = str(e.value)
     assert "\n" not in msg and component in msg and FAMILIES[family].pipeline in msg
 
@@ -315,20 +338,20 @@ def test_load_adapter_names_missing_weights(saved_dirs, tmp_path):
         f.unlink()
     cfg = build_config({}, ["model.family=sd3", f"model.path={broken}", "model.device=cpu"])
     with pytest.raises(TrainingError, match=r"transformer \(no config.json or weights\)"):
-        load_adapter(cfg, torch.device("cpu"))
+        _load(cfg)
 
 
 @pytest.mark.parametrize("family,actual", [("flux", "sd3"), ("sd3", "qwen-image"), ("qwen-image", "sd3")])
 def test_load_adapter_names_the_family_a_directory_holds(family, actual, saved_dirs):
     cfg = build_config({}, [f"model.family={family}", f"model.path={saved_dirs[actual]}", "model.device=cpu"])
     with pytest.raises(TrainingError, match=f"set model.family={actual}"):
-        load_adapter(cfg, torch.device("cpu"))
+        _load(cfg)
 
 
 def test_tiny_world_is_flux_only():
     cfg = build_config({}, ["model.family=sd3"])
     with pytest.raises(TrainingError, match="FLUX-family"):
-        load_adapter(cfg, torch.device("cpu"))
+        _load(cfg)
 
 
 def test_unknown_family_is_a_config_error():
@@ -343,14 +366,13 @@ def test_two_training_steps_end_to_end(family, saved_dirs, random_world, tmp_pat
     """train() on a saved tiny pipeline of the family: rollout, SRPO step, checkpoint, evaluation, LoRA export."""
     import json
 
-    from directalign.engine.trainer import train
+    from directalign.training import train
 
     _, _, side, seq = SPECS[family]
-    cfg = build_config({}, [f"model.family={family}", f"model.path={saved_dirs[family]}", "model.device=cpu",
-                            f"model.height={side}", f"model.width={side}", f"model.max_sequence_length={seq}",
-                            f"run.output_dir={tmp_path / 'run'}", "train.steps=2", "train.batch_size=2",
-                            "srpo.rollout_steps=2", "srpo.rollout_guidance=2.0", "eval.seeds=[0]", "eval.steps=2",
-                            "eval.best_of=1", "run.progress=false"])
+    # eval.before: the base model's held-out reward is part of what this checks (tiny_config turns it off)
+    cfg = tiny_config("srpo", f"model.family={family}", f"model.path={saved_dirs[family]}", "model.device=cpu",
+                      f"model.height={side}", f"model.width={side}", f"model.max_sequence_length={seq}",
+                      "train.steps=2", "srpo.rollout_guidance=2.0", "eval.before=true", run_dir=tmp_path / "run")
     result = train(cfg, log=lambda *_: None)
     summary = json.loads((result.run_dir / "summary.json").read_text())
     assert np.isfinite(summary["reward_before"]) and np.isfinite(summary["reward_after"])

@@ -2,7 +2,9 @@
 ``directalign: error: ...`` that names the problem and the fix, prints no traceback, and changes no existing file.
 
 One workspace serves every case: an existing run (with a checkpoint at step 1), input files of every kind, model
-directories of the wrong kind. Its files (and the model world's) are fingerprinted before and after each case.
+directories of the wrong kind. Its files (and the model world's) are fingerprinted before and after each case. The one
+exception is a run directory's lock file (engine.rundir.LOCK_FILE): a --resume attempt locks the run before it reads
+the checkpoint, which may create the file or rewrite it; afterwards it must be released (empty: no PID left behind).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from directalign.cli import main
+from directalign.engine.rundir import LOCK_FILE
 
 FAST = ["train.steps=2", "train.batch_size=1", "srpo.rollout_steps=2", "srpo.grid_points=40",
         "srpo.window_margin=2", "eval.before=false", "run.progress=false", "train.lora_rank=4", "eval.seeds=[0]",
@@ -73,6 +76,8 @@ def ws(random_world_dir, tmp_path_factory):
     (c / "invalid.yaml").write_text("train:\n  steps: [1,\n", encoding="utf-8")
     (c / "latin1.yaml").write_bytes("train:\n  prompts: caf\xe9\n".encode("latin-1"))
     (c / "list.yaml").write_text("- train\n- srpo\n", encoding="utf-8")
+    (c / "renamed.yaml").write_text("srpo:\n  shift: 1.0\n", encoding="utf-8")
+    (c / "other-method.yaml").write_text("method: srpo\ngrpo:\n  sde: flow\n", encoding="utf-8")
 
     # prompts
     p = root / "prompts"
@@ -145,6 +150,8 @@ def _fingerprint(*roots: Path) -> dict:
     out = {}
     for root in roots:
         for p in sorted(root.rglob("*")):
+            if p.name == LOCK_FILE:
+                continue  # checked by _held_locks
             st = p.lstat()
             if p.is_dir():
                 out[str(p)] = ("dir", st.st_mode)
@@ -152,6 +159,11 @@ def _fingerprint(*roots: Path) -> dict:
                 digest = hashlib.sha256(p.read_bytes()).hexdigest() if st.st_size < 1 << 20 else None
                 out[str(p)] = ("file", st.st_size, st.st_mtime_ns, st.st_mode, digest)
     return out
+
+
+def _held_locks(root: Path) -> list[str]:
+    """The lock files under ``root`` that still hold a PID (a run that did not release its lock)."""
+    return [str(p) for p in root.rglob(LOCK_FILE) if p.stat().st_size]
 
 
 @dataclass
@@ -173,7 +185,8 @@ CASES = [
     Case("wrong-type-bool", ["--set", "run.progress=maybe"], ["run.progress", "expected true or false"]),
     Case("wrong-type-list", ["--set", "srpo.window=5"], ["srpo.window", "expected a list"]),
     Case("wrong-type-number", ["--set", "train.learning_rate=fast"], ["train.learning_rate", "expected a number"]),
-    Case("non-finite-number", ["--set", "srpo.shift=.inf"], ["srpo.shift", "expected a finite number"]),
+    Case("non-finite-number", ["--set", "sampling.shift=.inf"], ["sampling.shift", "expected a finite number"]),
+    Case("shift-not-positive", ["--set", "sampling.shift=0"], ["sampling.shift", "must be > 0"]),
     Case("window-outside-schedule", ["--set", "srpo.window=[5, 60]"], ["srpo.window", "t1 <= srpo.schedule_steps"]),
     Case("window-t0-ge-t1", ["--set", "srpo.window=[30, 10]"], ["srpo.window", "need 0 <= t0 < t1"]),
     Case("window-at-pure-noise", ["--set", "srpo.window=[0, 10]"], ["srpo.window", "use t0 >= 1"]),
@@ -182,6 +195,19 @@ CASES = [
     Case("ratio-out-of-range", ["--set", "srpo.groundtruth_ratio=1.5"], ["srpo.groundtruth_ratio", "in [0, 1)"]),
     Case("negative-seed", ["--set", "train.seed=-1"], ["train.seed", "must be in [0, 2^63)"]),
     Case("bad-choice", ["--set", "train.finetune=qlora"], ["train.finetune", "choose one of lora, full"]),
+    Case("bad-choice-in-method-section", ["--set", "srpo.loss=squared"], ["srpo.loss", "choose one of hinge, linear"]),
+    Case("bad-method", ["--set", "method=ppo"], ["method: 'ppo' is not allowed", "choose one of srpo, direct-align"]),
+    Case("unknown-key-with-line-break", ["--set", "train.ste\nps=3"], ["unknown config key 'train.ste\\nps'"]),
+    # ---------------------------------------------------------------------------------------------- one section
+    Case("renamed-key-via-set", ["--set", "srpo.shift=2"], ["'srpo.shift' was renamed", "use sampling.shift instead"]),
+    Case("renamed-key-in-yaml", ["--config", "{ws}/configs/renamed.yaml"],
+         ["'srpo.shift' was renamed", "use sampling.shift instead"]),
+    Case("other-method-section-via-set", ["--set", "grpo.sde=flow"],
+         ["section 'grpo' belongs to method grpo", "but method is srpo", "set method: grpo"]),
+    Case("other-method-section-in-yaml", ["--config", "{ws}/configs/other-method.yaml"],
+         ["section 'grpo' belongs to method grpo", "remove the section or set method: grpo"]),
+    Case("method-changed-section-kept", ["--set", "method=grpo"],
+         ["section 'srpo' belongs to method srpo / direct-align", "but method is grpo"]),
     Case("malformed-set", ["--set", "train.steps"], ["--set", "expected key=value"]),
     Case("config-missing", ["--config", "{ws}/configs/nope.yaml"], ["nope.yaml", "pass an existing YAML file"]),
     Case("config-invalid-yaml", ["--config", "{ws}/configs/invalid.yaml"], ["not valid YAML", "fix its syntax"]),
@@ -294,3 +320,4 @@ def test_bad_input(case, ws, random_world_dir, monkeypatch, capsys):
         assert needle in line, f"{needle!r} not in {line!r}"
     assert not created, "the new run directory was created"
     assert _fingerprint(ws, random_world_dir) == before, "an existing file or directory changed"
+    assert not _held_locks(ws), "a lock was left held"

@@ -1,19 +1,27 @@
-"""The command line: user errors are one line on stderr with exit status 2; --print-config round-trips."""
+"""The command line: user errors are one line on stderr with exit status 2; --print-config round-trips and shows
+exactly the method's own keys for every shipped config; a section of another method and the renamed srpo.shift are
+user errors."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
+from helpers import SRC
 
 from directalign.cli import main
-from directalign.engine.config import build_config, load_config
+from directalign.config import build_config, load_config, packaged_config
+from directalign.methods.registry import METHODS, sections
 
-SRC = Path(__file__).resolve().parents[2] / "src"
+SHIPPED = sorted(p.stem for p in packaged_config("tiny-srpo").parent.glob("*.yaml"))
+
+
+def _keys_of(method: str) -> list[str]:
+    """The top-level keys of a resolved config of ``method``, in order."""
+    return ["method", "model", "reward", "sampling", METHODS[method].section, "train", "eval", "run"]
 
 
 def _assert_user_error(capsys, argv, *needles):
@@ -105,12 +113,67 @@ def test_print_config_round_trips(capsys):
     out, err = capsys.readouterr()
     data = yaml.safe_load(out)
     cfg = build_config(data)
-    expected = load_config(Path(__file__).resolve().parents[2] / "src" / "directalign" / "configs" / "tiny-srpo.yaml",
-                           ["train.steps=7", "srpo.window=[10,25]", "train.learning_rate=1e-4",
-                            "reward.positive_words=[Real, Detail]"])
+    expected = load_config(packaged_config("tiny-srpo"), ["train.steps=7", "srpo.window=[10,25]",
+                                                          "train.learning_rate=1e-4",
+                                                          "reward.positive_words=[Real, Detail]"])
     assert cfg == expected
     assert cfg.train.steps == 7 and cfg.srpo.window == [10, 25] and cfg.train.learning_rate == 1e-4
-    assert set(data) == {"method", "model", "reward", "srpo", "refl", "draft", "alignprop", "grpo", "train", "eval", "run"}
+    assert list(data) == ["method", "model", "reward", "sampling", "srpo", "train", "eval", "run"]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_print_config_of_every_shipped_config(name, capsys):
+    """By name: exactly the method's keys (its own section, no other method's), and the printed YAML loads back to
+    an equal Config."""
+    assert main(["train", "--config", name, "--print-config"]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    data = yaml.safe_load(out)
+    method = data["method"]
+    assert list(data) == _keys_of(method)
+    assert not (set(data) & set(sections())) - {METHODS[method].section}
+    expected = load_config(packaged_config(name))
+    assert build_config(data) == expected
+    assert build_config(yaml.safe_load(expected.to_yaml())) == expected
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_print_config_of_every_method(method, capsys, tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text(f"method: {method}\n", encoding="utf-8")
+    assert main(["train", "--config", str(f), "--set", "sampling.shift=2.0", "--print-config"]) == 0
+    data = yaml.safe_load(capsys.readouterr().out)
+    assert list(data) == _keys_of(method)
+    assert data["sampling"] == {"shift": 2.0}
+    assert build_config(data) == load_config(f, ["sampling.shift=2.0"])
+
+
+def test_section_of_another_method_via_set(capsys):
+    """The default config is SRPO's: a grpo key is an error naming grpo, and so is switching method while the
+    srpo section stays."""
+    _assert_user_error(capsys, ["train", "--set", "grpo.sde=flow", "--print-config"],
+                       "section 'grpo' belongs to method grpo", "but method is srpo", "set method: grpo")
+    _assert_user_error(capsys, ["train", "--config", "tiny-grpo", "--set", "srpo.window=[10,25]", "--print-config"],
+                       "section 'srpo' belongs to method srpo / direct-align", "but method is grpo")
+    _assert_user_error(capsys, ["train", "--config", "tiny-draft-k", "--set", "alignprop.sampling_steps=3"],
+                       "section 'alignprop' belongs to method alignprop", "but method is draft-k")
+
+
+def test_section_of_another_method_in_a_yaml(capsys, tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("method: refl\nrefl:\n  loss: linear\ndraft:\n  k: 2\n", encoding="utf-8")
+    _assert_user_error(capsys, ["train", "--config", str(f)],
+                       "section 'draft' belongs to method draft-k / draft-lv", "but method is refl",
+                       "remove the section or set method: draft-k")
+
+
+def test_renamed_srpo_shift(capsys, tmp_path):
+    needles = ("'srpo.shift' was renamed", "use sampling.shift instead")
+    _assert_user_error(capsys, ["train", "--set", "srpo.shift=2"], *needles)
+    _assert_user_error(capsys, ["train", "--config", "tiny-grpo", "--set", "srpo.shift=2"], *needles)
+    f = tmp_path / "old.yaml"
+    f.write_text("method: srpo\nsrpo:\n  shift: 1.0\n  window: [5, 25]\n", encoding="utf-8")
+    _assert_user_error(capsys, ["train", "--config", str(f), "--print-config"], *needles)
 
 
 def test_print_config_of_a_file(capsys, tmp_path):

@@ -15,8 +15,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from directalign.engine.config import build_config
-from directalign.engine.trainer import train
+from directalign.config import build_config
+from directalign.training import train
 
 SETTINGS = ["srpo.rollout_steps=2", "srpo.grid_points=40", "srpo.window_margin=2", "eval.before=false",
             "run.progress=false", "srpo.share_noise_across_ranks=false", "srpo.share_window_across_ranks=true",

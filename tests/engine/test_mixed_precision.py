@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 
 from directalign.adapters.flux import FluxAdapter
 from directalign.engine import precision
-from directalign.engine.config import build_config
-from directalign.engine.trainer import train
+from directalign.config import build_config
+from directalign.training import train
 
 FAST = ["train.batch_size=2", "srpo.rollout_steps=2", "eval.before=false", "run.progress=false",
         "srpo.grid_points=40", "srpo.window_margin=2", "train.learning_rate=1e-3", "train.grad_clip=0",

@@ -9,51 +9,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import PROMPTS, build_parts, quiet, run_step, tiny_config
 from safetensors.torch import load_file
 
-from directalign.engine.config import build_config
-from directalign.engine.trainer import apply_finetune_mode, load_adapter, load_reward, make_method, train
 from directalign.logging_utils import read_metrics
+from directalign.methods.registry import METHODS as REGISTRY
 from directalign.rewards.base import Reward
+from directalign.training import train
 
-PROMPTS = ["a red circle on a blue background", "a green square on a yellow background"]
-COMMON = ["reward.form=absolute", "train.batch_size=2", "train.finetune=lora", "train.lora_rank=4",
-          "train.lora_alpha=8", "train.learning_rate=1e-3", "train.grad_clip=1.0", "eval.before=false",
-          "run.progress=false", "run.report=false", "eval.seeds=[0]", "eval.steps=2", "eval.best_of=1"]
-METHODS = {
-    "direct-align": ["method=direct-align", "srpo.rollout_steps=2", "srpo.grid_points=40", "srpo.window_margin=2",
-                     "srpo.inversion_branch=false", "srpo.hinge_threshold=5.0"],
-    "refl": ["method=refl", "refl.rollout_steps=3", "refl.step_range=[1,2]", "refl.hinge_threshold=5.0"],
-    "draft-k": ["method=draft-k", "draft.sampling_steps=3", "draft.k=2"],
-    "draft-lv": ["method=draft-lv", "draft.sampling_steps=3", "draft.lv_samples=2"],
-    "alignprop": ["method=alignprop", "alignprop.sampling_steps=3", "alignprop.truncation=uniform",
-                  "alignprop.uniform=[0,1]"],
-    "grpo": ["method=grpo", "grpo.sampling_steps=3", "grpo.group_size=2", "grpo.timestep_fraction=1.0",
-             "train.batch_size=1"],
-}
+BASELINES = ["direct-align", "refl", "draft-k", "draft-lv", "alignprop", "grpo"]
+# the name of each recipe's one pass in StepOutput.metrics (<pass>_reward, <pass>_sigma, ...)
+PASS = {"direct-align": "denoise", "refl": "refl", "draft-k": "draft_k", "draft-lv": "draft_lv",
+        "alignprop": "alignprop", "grpo": "grpo"}
 
 
-def _quiet(*_a, **_k):
-    pass
-
-
-def _setup(method, overrides=(), finetune=True, perturb_lora=True):
-    cfg = build_config({}, COMMON + METHODS[method] + list(overrides))
-    device = torch.device("cpu")
-    adapter = load_adapter(cfg, device)
-    reward = load_reward(cfg, device)
-    method_obj = make_method(cfg, adapter, reward)
-    params = None
-    if finetune:
-        torch.manual_seed(0)
-        params = apply_finetune_mode(cfg, adapter)
-        if cfg.train.finetune == "lora" and perturb_lora:
-            # peft starts lora_B at zero (every lora_A gradient is then zero); give B values so both factors move
-            g = torch.Generator().manual_seed(1)
-            with torch.no_grad():
-                for n, p in adapter.transformer.named_parameters():
-                    if "lora_B" in n:
-                        p.copy_(0.05 * torch.randn(p.shape, generator=g))
+def _setup(method, *overrides, finetune=True, perturb_lora=True):
+    cfg = tiny_config(method, *overrides)
+    adapter, reward, method_obj, params = build_parts(cfg, finetune=finetune, perturb_lora=perturb_lora)
     return cfg, adapter, reward, method_obj, params
 
 
@@ -77,7 +49,7 @@ class CallCounter:
 
 
 # ------------------------------------------------------------------------------------------ one step, by hand
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", BASELINES)
 def test_gradients_reach_only_lora_and_nfe_is_counted(random_world, method):
     cfg, adapter, reward, m, params = _setup(method)
     counter = CallCounter(adapter)
@@ -89,10 +61,11 @@ def test_gradients_reach_only_lora_and_nfe_is_counted(random_world, method):
         loss.backward()
         counter.frozen = False
 
-    gen = torch.Generator().manual_seed(3)
-    results = m.accumulate_gradients(0, PROMPTS[: cfg.train.batch_size], gen, random.Random(3), backward=backward)
-    assert len(results) == 1
-    assert results[0].loss == pytest.approx(sum(losses), rel=1e-6, abs=1e-9)
+    out = run_step(m, 0, PROMPTS[: cfg.train.batch_size], 3, backward=backward)
+    # one pass per step, under the recipe's own name
+    name = PASS[method]
+    assert [k for k in out.metrics if k.endswith("_reward")] == [f"{name}_reward"]
+    assert out.loss == pytest.approx(sum(losses), rel=1e-6, abs=1e-9)
 
     lora = {n: p for n, p in adapter.transformer.named_parameters() if "lora_" in n}
     assert {id(p) for p in lora.values()} == {id(p) for p in params}
@@ -108,12 +81,13 @@ def test_gradients_reach_only_lora_and_nfe_is_counted(random_world, method):
 
     b = cfg.train.batch_size
     nfe = m.nfe(b)
+    sigma = out.metrics[f"{name}_sigma"]
     if method == "refl":
-        k = [i for i, s in enumerate(m.sigmas.tolist()) if abs(s - results[0].sigma_query) < 1e-9][0]
+        k = [i for i, s in enumerate(m.sigmas.tolist()) if abs(s - sigma) < 1e-9][0]
         assert (counter.no_grad, counter.grad) == (k * b, b)
         assert nfe == {"nfe_no_grad": 1.5 * b, "nfe_grad": b}
     elif method == "alignprop":
-        bidx = [i for i, s in enumerate(m.sigmas.tolist()) if abs(s - results[0].sigma_query) < 1e-9][0]
+        bidx = [i for i, s in enumerate(m.sigmas.tolist()) if abs(s - sigma) < 1e-9][0]
         assert (counter.no_grad, counter.grad) == (bidx * b, (3 - bidx) * b)
         assert nfe == pytest.approx({"nfe_no_grad": 0.5 * b, "nfe_grad": 2.5 * b})
     else:
@@ -121,16 +95,16 @@ def test_gradients_reach_only_lora_and_nfe_is_counted(random_world, method):
 
 
 def test_draft_k1_has_one_differentiable_call_per_sample(random_world):
-    cfg, adapter, reward, m, params = _setup("draft-k", ["draft.k=1"])
+    cfg, adapter, reward, m, params = _setup("draft-k", "draft.k=1")
     counter = CallCounter(adapter)
-    m.accumulate_gradients(0, PROMPTS, torch.Generator().manual_seed(5), random.Random(5))
+    run_step(m, 0, PROMPTS, 5)
     assert (counter.no_grad, counter.grad) == (2 * len(PROMPTS), len(PROMPTS))
     assert any(float(p.grad.abs().max()) > 0 for p in params)
 
 
 # ---------------------------------------------------------------------------------------------------- GRPO
 def test_grpo_is_on_policy_and_its_rollout_log_probs_recompute(random_world):
-    cfg, adapter, reward, m, params = _setup("grpo", ["grpo.sampling_steps=4", "grpo.group_size=3"])
+    cfg, adapter, reward, m, params = _setup("grpo", "grpo.sampling_steps=4", "grpo.group_size=3")
     gen = torch.Generator().manual_seed(0)
     noise = adapter.noise(1, 32, 32, torch.Generator().manual_seed(9))
     prompts = [PROMPTS[0]] * 3
@@ -152,28 +126,29 @@ def test_grpo_is_on_policy_and_its_rollout_log_probs_recompute(random_world):
                                    rtol=0, atol=1e-6)
     # the SDE made the group's samples differ, so advantages are informative
     assert not torch.equal(ro.x0[0], ro.x0[1])
-    results = m.accumulate_gradients(0, PROMPTS[:1], torch.Generator().manual_seed(1), random.Random(1))
-    assert results[0].max_ratio_deviation < 1e-5
+    out = run_step(m, 0, PROMPTS[:1], 1)
+    assert out.metrics["grpo_max_ratio_deviation"] < 1e-5
+    assert out.metrics["grpo_clip_fraction"] == 0.0  # on-policy: no ratio leaves 1 +- clip_range (1e-4)
 
 
 @pytest.mark.parametrize("kl", [0.0, 0.5])
 def test_grpo_micro_batches_accumulate_the_same_gradient(random_world, kl):
     def grads(micro):
-        cfg, adapter, reward, m, params = _setup("grpo", [f"grpo.micro_batch={micro}", "grpo.group_size=3",
-                                                          f"grpo.kl_beta={kl}"])
-        r = m.accumulate_gradients(0, PROMPTS, torch.Generator().manual_seed(6), random.Random(6))
-        return r[0], [p.grad.clone() for p in params]
+        cfg, adapter, reward, m, params = _setup("grpo", f"grpo.micro_batch={micro}", "grpo.group_size=3",
+                                                 f"grpo.kl_beta={kl}")
+        out = run_step(m, 0, PROMPTS, 6)
+        return out, [p.grad.clone() for p in params]
 
     r_all, g_all = grads(0)
     r_one, g_one = grads(2)  # 6 samples in chunks of 2
     assert r_one.loss == pytest.approx(r_all.loss, rel=1e-4, abs=1e-6)  # on-policy: sum(-A) ~ 0
-    assert r_one.kl == pytest.approx(r_all.kl, rel=1e-4, abs=1e-12)
+    assert r_one.metrics["grpo_kl"] == pytest.approx(r_all.metrics["grpo_kl"], rel=1e-4, abs=1e-12)
     for a, b in zip(g_all, g_one):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-8)
 
 
 def test_grpo_separate_noise_per_sample(random_world):
-    cfg, adapter, reward, m, _ = _setup("grpo", ["grpo.same_initial_noise=false", "grpo.group_size=3"],
+    cfg, adapter, reward, m, _ = _setup("grpo", "grpo.same_initial_noise=false", "grpo.group_size=3",
                                         finetune=False)
     noise = adapter.noise(2, 32, 32, torch.Generator().manual_seed(9))
     x = m.initial_noise(noise, torch.Generator().manual_seed(0))
@@ -211,26 +186,27 @@ class _NumpyReward(Reward):
 
 def test_grpo_trains_on_a_non_differentiable_reward(random_world):
     cfg, adapter, reward, _, params = _setup("grpo")
-    m = make_method(cfg, adapter, _NumpyReward())
-    results = m.accumulate_gradients(0, PROMPTS[:1], torch.Generator().manual_seed(2), random.Random(2))
-    assert torch.isfinite(torch.tensor(results[0].loss))
+    m = REGISTRY["grpo"].build(cfg, adapter, _NumpyReward())
+    out = run_step(m, 0, PROMPTS[:1], 2)
+    assert torch.isfinite(torch.tensor(out.loss))
     assert any(p.grad is not None and float(p.grad.abs().max()) > 0 for p in params)
 
 
 def test_grpo_constant_reward_gives_zero_gradient(random_world):
     cfg, adapter, reward, _, params = _setup("grpo")
-    m = make_method(cfg, adapter, _ConstantReward())
-    results = m.accumulate_gradients(0, PROMPTS[:1], torch.Generator().manual_seed(2), random.Random(2))
-    assert results[0].loss == 0.0
+    m = REGISTRY["grpo"].build(cfg, adapter, _ConstantReward())
+    out = run_step(m, 0, PROMPTS[:1], 2)
+    assert out.loss == 0.0
+    assert out.metrics["grpo_zero_std_fraction"] == 1.0  # every group's rewards were equal
     for p in params:
         assert p.grad is None or float(p.grad.abs().max()) == 0.0
 
 
 def test_grpo_kl_reference_is_the_base_model_with_lora(random_world):
     # lora_B = 0: the adapted model equals the base, so the KL term is exactly 0
-    cfg, adapter, reward, m, params = _setup("grpo", ["grpo.kl_beta=0.5"], perturb_lora=False)
-    r0 = m.accumulate_gradients(0, PROMPTS[:1], torch.Generator().manual_seed(4), random.Random(4))
-    assert r0[0].kl == 0.0
+    cfg, adapter, reward, m, params = _setup("grpo", "grpo.kl_beta=0.5", perturb_lora=False)
+    r0 = run_step(m, 0, PROMPTS[:1], 4)
+    assert r0.metrics["grpo_kl"] == 0.0
     # with LoRA moved, the KL is positive, and the adapters are back on afterwards
     with torch.no_grad():
         for n, p in adapter.transformer.named_parameters():
@@ -243,8 +219,8 @@ def test_grpo_kl_reference_is_the_base_model_with_lora(random_world):
         v_before = adapter.velocity(x, s, e, 3.5, 32, 32)
         with m.reference_model():
             v_ref = adapter.velocity(x, s, e, 3.5, 32, 32)
-    r1 = m.accumulate_gradients(0, PROMPTS[:1], torch.Generator().manual_seed(4), random.Random(4))
-    assert r1[0].kl > 0
+    r1 = run_step(m, 0, PROMPTS[:1], 4)
+    assert r1.metrics["grpo_kl"] > 0
     with torch.no_grad():
         v_after = adapter.velocity(x, s, e, 3.5, 32, 32)
     assert not torch.allclose(v_before, v_ref)
@@ -253,7 +229,7 @@ def test_grpo_kl_reference_is_the_base_model_with_lora(random_world):
 
 
 def test_grpo_kl_reference_is_a_frozen_copy_with_full_finetuning(random_world):
-    cfg, adapter, reward, m, params = _setup("grpo", ["grpo.kl_beta=0.5", "train.finetune=full"])
+    cfg, adapter, reward, m, params = _setup("grpo", "grpo.kl_beta=0.5", "train.finetune=full")
     x = adapter.noise(1, 32, 32, torch.Generator().manual_seed(0))
     e = adapter.encode_prompts(PROMPTS[:1])
     s = torch.tensor([0.5])
@@ -266,8 +242,8 @@ def test_grpo_kl_reference_is_a_frozen_copy_with_full_finetuning(random_world):
     assert not torch.allclose(v_base, v_moved)
     torch.testing.assert_close(v_ref, v_base, rtol=0, atol=0)
     assert adapter.transformer is not m._reference
-    r = m.accumulate_gradients(0, PROMPTS[:1], torch.Generator().manual_seed(4), random.Random(4))
-    assert r[0].kl > 0
+    r = run_step(m, 0, PROMPTS[:1], 4)
+    assert r.metrics["grpo_kl"] > 0
     assert all(p.grad is None for p in m._reference.parameters())
 
 
@@ -276,14 +252,13 @@ def _ckpt(run: Path, step: int) -> dict:
     return load_file(str(run / "checkpoints" / f"step-{step:08d}" / "trainable.safetensors"))
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", BASELINES)
 def test_two_step_run_changes_lora_and_resumes_bit_exactly(random_world, tmp_path, method):
     def cfg(run):
-        return build_config({}, COMMON + METHODS[method] + ["train.steps=2", "run.checkpoint_every=1",
-                                                            f"run.output_dir={run}"])
+        return tiny_config(method, "train.steps=2", "run.checkpoint_every=1", run_dir=run)
 
     a, b = tmp_path / "straight", tmp_path / "resumed"
-    result = train(cfg(a), log=_quiet)
+    result = train(cfg(a), log=quiet)
     s1, s2 = _ckpt(a, 1), _ckpt(a, 2)
     assert s2 and all("lora_" in k for k in s2)
     for k in s2:
@@ -300,11 +275,12 @@ def test_two_step_run_changes_lora_and_resumes_bit_exactly(random_world, tmp_pat
     assert "reward_after" in result.summary
     rec = read_metrics(a)
     assert [r["step"] for r in rec] == [1, 2]
-    assert set(rec[0]) >= {"nfe_no_grad", "nfe_grad", "loss", "reward"}
+    assert set(rec[0]) >= {"nfe_no_grad", "nfe_grad", "loss", "reward", f"{PASS[method]}_reward",
+                           f"{PASS[method]}_sigma"}
 
-    first = train(cfg(b), log=_quiet, max_steps_this_session=1)
+    first = train(cfg(b), log=quiet, max_steps_this_session=1)
     assert first.summary == {"step": 1}
-    train(cfg(b), resume=True, log=_quiet, max_steps_this_session=1)
+    train(cfg(b), resume=True, log=quiet, max_steps_this_session=1)
     tb = _ckpt(b, 2)
     assert set(tb) == set(s2)
     for k in s2:

@@ -3,51 +3,51 @@ gradient checkpointing and the rollout against FluxPipeline."""
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
+from helpers import PROMPTS, build_parts, context, run_step, tiny_config
 
 from directalign import flow
-from directalign.engine.config import build_config
-from directalign.engine.trainer import apply_finetune_mode, load_adapter, load_reward, make_method
+from directalign.engine.context import STREAM_NOISE
 from directalign.methods.sampling import rollout
 
-PROMPTS = ["a red circle on a blue background", "a green square on a yellow background"]
-BASE = ["train.batch_size=2", "srpo.rollout_steps=2", "srpo.grid_points=40", "srpo.window_margin=2",
-        "srpo.hinge_threshold=5.0", "train.finetune=lora", "train.lora_rank=4", "train.lora_alpha=4"]
+# the hinge at 5 is active for every sample of the random world (|r| <= 2.3): loss = share * (5 - r)
+HINGE = "srpo.hinge_threshold=5.0"
 
 
-def _setup(overrides=(), finetune=True):
-    cfg = build_config({}, BASE + list(overrides))
-    device = torch.device("cpu")
-    adapter = load_adapter(cfg, device)
-    reward = load_reward(cfg, device)
-    params = None
-    if finetune:
-        torch.manual_seed(0)
-        params = apply_finetune_mode(cfg, adapter)
-        if cfg.train.finetune == "lora":
-            # peft initialises lora_B to zero, which makes every lora_A gradient exactly zero; give B values so
-            # the test can see gradients on both factors
-            g = torch.Generator().manual_seed(1)
-            with torch.no_grad():
-                for n, p in adapter.transformer.named_parameters():
-                    if "lora_B" in n:
-                        p.copy_(0.05 * torch.randn(p.shape, generator=g))
-    return cfg, adapter, reward, make_method(cfg, adapter, reward), params
+def _setup(*overrides, finetune=True):
+    cfg = tiny_config("srpo", HINGE, *overrides)
+    adapter, reward, method, params = build_parts(cfg, finetune=finetune)
+    return cfg, adapter, reward, method, params
 
 
-def _gen_rng(seed=3):
-    return torch.Generator().manual_seed(seed), random.Random(seed)
+def _record_branches(monkeypatch, method) -> list:
+    """Wrap ``method.branch_loss`` to collect each pass's BranchResult, in call order."""
+    results = []
+    orig = method.branch_loss
+
+    def recorded(*a, **k):
+        loss, res = orig(*a, **k)
+        results.append(res)
+        return loss, res
+
+    monkeypatch.setattr(method, "branch_loss", recorded)
+    return results
+
+
+def _draws(method, cfg, step, seed, n=1):
+    """Replay the step's window draws: SRPO draws them, in order, from the context's own stream."""
+    g = context(step, PROMPTS, seed).generator()
+    return [flow.draw_window(method.grid, cfg.srpo.groundtruth_ratio, g, cfg.srpo.window_margin) for _ in range(n)]
 
 
 # ------------------------------------------------------------------------------------------------------- (a)
-def test_gradients_reach_only_lora_parameters(random_world):
+def test_gradients_reach_only_lora_parameters(random_world, monkeypatch):
     cfg, adapter, reward, method, params = _setup()
-    gen, rng = _gen_rng()
-    results = method.accumulate_gradients(0, PROMPTS, gen, rng)
+    results = _record_branches(monkeypatch, method)
+    out = run_step(method)
     assert [r.name for r in results] == ["denoise", "inversion"]
+    assert set(out.metrics) == {f"{b}_{k}" for b in ("denoise", "inversion") for k in ("reward", "sigma", "k")}
 
     lora = {n: p for n, p in adapter.transformer.named_parameters() if "lora_" in n}
     assert lora, "no LoRA parameters were added"
@@ -72,9 +72,8 @@ def test_gradients_reach_only_lora_parameters(random_world):
 
 
 def test_full_finetune_grads_reach_transformer_only(random_world):
-    cfg, adapter, reward, method, params = _setup(["train.finetune=full"])
-    gen, rng = _gen_rng()
-    method.accumulate_gradients(0, PROMPTS, gen, rng)
+    cfg, adapter, reward, method, params = _setup("train.finetune=full")
+    run_step(method)
     with_grad = [n for n, p in adapter.transformer.named_parameters() if p.grad is not None]
     assert len(with_grad) == len(list(adapter.transformer.parameters()))
     assert float(adapter.transformer.proj_out.weight.grad.abs().sum()) > 0
@@ -84,22 +83,23 @@ def test_full_finetune_grads_reach_transformer_only(random_world):
 
 # ------------------------------------------------------------------------------------------------------- (b)
 class _Recorder:
-    """Wrap the adapter's velocity to record each call's sigma and whether gradients were on."""
+    """Wrap the adapter's velocity to record each call's input, sigma and whether gradients were on."""
 
     def __init__(self, adapter):
-        self.calls: list[tuple[torch.Tensor, bool]] = []
+        self.calls: list[tuple[torch.Tensor, torch.Tensor, bool]] = []
         self._orig = adapter.velocity
 
     def __call__(self, x, sigma, *args, **kwargs):
-        self.calls.append((sigma.detach().clone(), torch.is_grad_enabled()))
+        self.calls.append((x.detach().clone(), sigma.detach().clone(), torch.is_grad_enabled()))
         return self._orig(x, sigma, *args, **kwargs)
 
 
 @pytest.mark.parametrize("quantize", [0, 1000])
 def test_branches_query_the_model_at_draw_window_sigmas(random_world, monkeypatch, quantize):
-    cfg, adapter, reward, method, _ = _setup([f"srpo.quantize_timestep={quantize}"])
+    cfg, adapter, reward, method, _ = _setup(f"srpo.quantize_timestep={quantize}")
     rec = _Recorder(adapter)
     monkeypatch.setattr(adapter, "velocity", rec)
+    results = _record_branches(monkeypatch, method)
     targets = []
     orig_da = flow.direct_align_x0
 
@@ -109,27 +109,27 @@ def test_branches_query_the_model_at_draw_window_sigmas(random_world, monkeypatc
 
     monkeypatch.setattr(flow, "direct_align_x0", spy)
 
-    seed = 11
-    gen, rng = _gen_rng(seed)
-    results = method.accumulate_gradients(4, PROMPTS, gen, rng)
+    step, seed = 4, 11
+    out = run_step(method, step, PROMPTS, seed)
 
-    # replay the generator: noise first (adapter.noise), then the window draw
-    g2 = torch.Generator().manual_seed(seed)
-    adapter.noise(len(PROMPTS), cfg.model.height, cfg.model.width, g2)
-    draw = flow.draw_window(method.grid, cfg.srpo.groundtruth_ratio, g2, cfg.srpo.window_margin)
+    # replay the context's streams: the global batch's noise (shared), then the window draw (the rank's own)
+    (draw,) = _draws(method, cfg, step, seed)
     assert draw.denoise_query > draw.denoise_target
     assert draw.inversion_query < draw.inversion_target
+    noise = adapter.noise(len(PROMPTS), cfg.model.height, cfg.model.width,
+                          context(step, PROMPTS, seed).generator(STREAM_NOISE, shared=True))
 
     s = cfg.srpo
     assert len(rec.calls) == s.rollout_steps + 2
-    # the rollout: no gradient, along the shifted schedule
-    sched = flow.sigma_schedule(s.rollout_steps, s.shift)
-    for i, (sig, grad_on) in enumerate(rec.calls[: s.rollout_steps]):
+    # the rollout: no gradient, from the step's noise, along the shifted schedule
+    torch.testing.assert_close(rec.calls[0][0], noise, rtol=0, atol=0)
+    sched = flow.sigma_schedule(s.rollout_steps, cfg.sampling.shift)
+    for i, (_, sig, grad_on) in enumerate(rec.calls[: s.rollout_steps]):
         assert not grad_on
         expected = flow.quantize_sigma(sched[i].float().expand(len(PROMPTS)), quantize)
         torch.testing.assert_close(sig, expected.to(sig.dtype), rtol=0, atol=1e-6)
     # the two Direct-Align passes: with gradient, at the draw's query sigmas, denoise first
-    (sd, gd), (si, gi) = rec.calls[s.rollout_steps:]
+    (_, sd, gd), (_, si, gi) = rec.calls[s.rollout_steps:]
     assert gd and gi
     q = lambda v: flow.quantize_sigma(torch.tensor([v, v], dtype=torch.float32), quantize)  # noqa: E731
     torch.testing.assert_close(sd, q(draw.denoise_query), rtol=0, atol=1e-6)
@@ -138,21 +138,26 @@ def test_branches_query_the_model_at_draw_window_sigmas(random_world, monkeypatc
     assert [(r.name, r.sigma_query, r.sigma_target) for r in results] == [
         ("denoise", draw.denoise_query, draw.denoise_target),
         ("inversion", draw.inversion_query, draw.inversion_target)]
+    assert out.metrics["denoise_sigma"] == draw.denoise_query
+    assert out.metrics["inversion_sigma"] == draw.inversion_query
     # the k each branch uses comes from its own ramp at its own grid position
     n = s.grid_points
-    assert results[0].k == pytest.approx(flow.linear_ramp(*s.discount_pos, n, draw.m))
-    assert results[1].k == pytest.approx(flow.linear_ramp(*s.discount_inv, n, draw.m_inversion))
+    k_denoise = flow.linear_ramp(*s.discount_pos, n, draw.m)
+    k_inversion = flow.linear_ramp(*s.discount_inv, n, draw.m_inversion)
+    assert results[0].k == pytest.approx(k_denoise)
+    assert results[1].k == pytest.approx(k_inversion)
+    assert out.metrics["denoise_k"] == pytest.approx(k_denoise)
+    assert out.metrics["inversion_k"] == pytest.approx(k_inversion)
 
 
 def test_control_words_reach_reward_text_only(random_world, monkeypatch):
-    cfg, adapter, reward, method, _ = _setup(["reward.positive_words=[textured]", "reward.negative_words=[flat]"])
+    cfg, adapter, reward, method, _ = _setup("reward.positive_words=[textured]", "reward.negative_words=[flat]")
     method.adapter._cache.clear()
     encoded, scored = [], []
     orig_enc, orig_score = adapter.encode_prompts, reward.score_texts
     monkeypatch.setattr(adapter, "encode_prompts", lambda p: (encoded.append(list(p)), orig_enc(p))[1])
     monkeypatch.setattr(reward, "score_texts", lambda st, t: (scored.append(list(t)), orig_score(st, t))[1])
-    gen, rng = _gen_rng()
-    method.accumulate_gradients(0, PROMPTS, gen, rng)
+    run_step(method)
     assert encoded and all(batch == PROMPTS for batch in encoded)
     flat = [t for batch in scored for t in batch]
     assert set(flat) == {f"textured. {p}" for p in PROMPTS} | {f"flat. {p}" for p in PROMPTS}
@@ -162,8 +167,9 @@ def test_branch_rewards_use_official_forms(random_world, monkeypatch):
     """Denoise scores (1 + k_pos) s(pos) - s(neg); inversion swaps the words: (1 + k_inv) s(neg) - s(pos)."""
     from directalign.methods import srpo as srpo_mod
 
-    cfg, adapter, reward, method, _ = _setup(["reward.positive_words=[textured, detailed]",
-                                              "reward.negative_words=[flat]"])
+    cfg, adapter, reward, method, _ = _setup("reward.positive_words=[textured, detailed]",
+                                             "reward.negative_words=[flat]")
+    results = _record_branches(monkeypatch, method)
     calls = []
     orig = srpo_mod.semantic_relative_reward
 
@@ -177,8 +183,7 @@ def test_branch_rewards_use_official_forms(random_world, monkeypatch):
         return out
 
     monkeypatch.setattr(srpo_mod, "semantic_relative_reward", spy)
-    gen, rng = _gen_rng()
-    results = method.accumulate_gradients(3, PROMPTS, gen, rng)
+    out = run_step(method, 3)
     assert [c["swap"] for c in calls] == [False, True]
     # step 3, round robin: positive [textured, detailed][3 % 2], negative [flat][3 % 1]
     assert all((c["pos"], c["neg"], c["form"]) == ("detailed", "flat", "official") for c in calls)
@@ -186,44 +191,51 @@ def test_branch_rewards_use_official_forms(random_world, monkeypatch):
     torch.testing.assert_close(d["out"], (1 + d["k"]) * d["sp"] - d["sn"])
     torch.testing.assert_close(i["out"], (1 + i["k"]) * i["sn"] - i["sp"])
     assert [r.k for r in results] == [d["k"], i["k"]]
+    assert [out.metrics["denoise_k"], out.metrics["inversion_k"]] == [d["k"], i["k"]]
     assert results[0].reward == pytest.approx(float(d["out"].mean()), rel=1e-5)
+    assert out.metrics["denoise_reward"] == pytest.approx(float(d["out"].mean()), rel=1e-5)
+    assert out.metrics["inversion_reward"] == pytest.approx(float(i["out"].mean()), rel=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------------- (c)
-def test_samples_per_rollout_doubles_branches_and_shares_sum_to_one(random_world):
-    cfg, adapter, reward, method, _ = _setup(["srpo.samples_per_rollout=2"])
-    seed = 5
-    gen, rng = _gen_rng(seed)
+def test_samples_per_rollout_doubles_branches_and_shares_sum_to_one(random_world, monkeypatch):
+    cfg, adapter, reward, method, _ = _setup("srpo.samples_per_rollout=2")
+    results = _record_branches(monkeypatch, method)
+    step, seed = 1, 5
     losses = []
 
     def backward(loss):
         losses.append(loss.detach())
         loss.backward()
 
-    results = method.accumulate_gradients(1, PROMPTS, gen, rng, backward=backward)
+    out = run_step(method, step, PROMPTS, seed, backward=backward)
     assert [r.name for r in results] == ["denoise", "inversion", "denoise", "inversion"]
     assert len(losses) == 4
-    # two independent window draws, in order, from the same generator stream
-    g2 = torch.Generator().manual_seed(seed)
-    adapter.noise(len(PROMPTS), cfg.model.height, cfg.model.width, g2)
-    draws = [flow.draw_window(method.grid, cfg.srpo.groundtruth_ratio, g2, cfg.srpo.window_margin)
-             for _ in range(2)]
+    # two independent window draws, in order, from the context's own stream
+    draws = _draws(method, cfg, step, seed, n=2)
     assert [r.sigma_query for r in results] == [draws[0].denoise_query, draws[0].inversion_query,
                                                 draws[1].denoise_query, draws[1].inversion_query]
+    assert out.metrics["denoise_sigma"] == pytest.approx((draws[0].denoise_query + draws[1].denoise_query) / 2)
+    assert out.metrics["inversion_sigma"] == pytest.approx(
+        (draws[0].inversion_query + draws[1].inversion_query) / 2)
     # hinge at threshold 5 is active for every sample (|r| <= 2.3), so loss_i = share_i * (5 - mean r_i)
     shares = [r.loss / (cfg.srpo.hinge_threshold - r.reward) for r in results]
     for s in shares:
         assert s == pytest.approx(0.25, rel=1e-5)
     assert sum(shares) == pytest.approx(1.0, rel=1e-5)
     assert [float(x) for x in losses] == pytest.approx([r.loss for r in results])
+    assert out.loss == pytest.approx(sum(r.loss for r in results))
+    assert out.reward == pytest.approx(sum(r.reward for r in results) / 4)
 
 
-def test_single_branch_gets_full_pass_weight(random_world):
-    cfg, adapter, reward, method, _ = _setup(["srpo.inversion_branch=false"])
-    gen, rng = _gen_rng()
-    results = method.accumulate_gradients(0, PROMPTS, gen, rng)
+def test_single_branch_gets_full_pass_weight(random_world, monkeypatch):
+    cfg, adapter, reward, method, _ = _setup("srpo.inversion_branch=false")
+    results = _record_branches(monkeypatch, method)
+    out = run_step(method)
     assert [r.name for r in results] == ["denoise"]
+    assert set(out.metrics) == {"denoise_reward", "denoise_sigma", "denoise_k"}
     assert results[0].loss == pytest.approx(cfg.srpo.hinge_threshold - results[0].reward, rel=1e-5)
+    assert out.loss == pytest.approx(cfg.srpo.hinge_threshold - out.reward, rel=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------------- (d)
@@ -234,9 +246,14 @@ def test_gradient_checkpointing_gives_equal_gradients(random_world):
     def grads():
         for p in params:
             p.grad = None
-        gen, rng = _gen_rng(7)
-        res = method.accumulate_gradients(2, PROMPTS, gen, rng)
-        return [p.grad.clone() for p in params], [r.loss for r in res]
+        losses = []
+
+        def backward(loss):
+            losses.append(float(loss.detach()))
+            loss.backward()
+
+        run_step(method, 2, PROMPTS, 7, backward=backward)
+        return [p.grad.clone() for p in params], losses
 
     g_off, l_off = grads()
     adapter.transformer.enable_gradient_checkpointing()
@@ -251,6 +268,7 @@ def test_gradient_checkpointing_gives_equal_gradients(random_world):
     adapter.transformer._gradient_checkpointing_func = counting
     g_on, l_on = grads()
     assert calls, "gradient checkpointing was enabled but never used"
+    assert len(l_on) == len(l_off) == 2
     assert l_on == pytest.approx(l_off, rel=1e-6, abs=1e-7)
     for n, a, b in zip(names, g_off, g_on):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7, msg=n)
@@ -262,7 +280,7 @@ def test_rollout_matches_flux_pipeline(random_world, steps, guidance):
     cfg, adapter, reward, method, _ = _setup(finetune=False)
     h = w = cfg.model.height
     noise = adapter.noise(2, h, w, torch.Generator().manual_seed(0))
-    ours = rollout(adapter, adapter.encode_prompts(PROMPTS), noise, steps, cfg.srpo.shift, guidance, h, w)
+    ours = rollout(adapter, adapter.encode_prompts(PROMPTS), noise, steps, cfg.sampling.shift, guidance, h, w)
     pipe_out = adapter.pipe(prompt=PROMPTS, latents=noise.clone(), num_inference_steps=steps,
                             guidance_scale=guidance, height=h, width=w, output_type="latent",
                             max_sequence_length=adapter.max_sequence_length).images

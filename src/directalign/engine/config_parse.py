@@ -119,7 +119,8 @@ def build_section(cls, data, prefix: str):
     unknown = [k for k in data if k not in fields]
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown config key '{where}{unknown[0]}'; allowed keys here: {', '.join(fields)}")
+        # repr: a key holding a line break still gives a one-line message
+        raise ConfigError(f"unknown config key {where + str(unknown[0])!r}; allowed keys here: {', '.join(fields)}")
     kwargs = {}
     for name, f in fields.items():
         if name not in data:

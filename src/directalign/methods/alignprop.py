@@ -102,7 +102,7 @@ def draw_truncation(kind: str, n_steps: int, generator: torch.Generator, gaussia
 
 
 class AlignProp:
-    """The AlignProp recipe; ``cfg`` is a :class:`directalign.engine.config.Config`."""
+    """The AlignProp recipe; ``cfg`` is a :class:`directalign.config.Config`."""
 
     def __init__(self, cfg, adapter, reward):
         self.cfg, self.adapter, self.reward = cfg, adapter, reward

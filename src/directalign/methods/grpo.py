@@ -174,7 +174,7 @@ class Rollout:
 
 # --------------------------------------------------------------------------------------------- the recipe
 class GRPO:
-    """The DanceGRPO / Flow-GRPO recipe; ``cfg`` is a :class:`directalign.engine.config.Config`."""
+    """The DanceGRPO / Flow-GRPO recipe; ``cfg`` is a :class:`directalign.config.Config`."""
 
     def __init__(self, cfg, adapter, reward):
         self.cfg, self.adapter, self.reward = cfg, adapter, reward

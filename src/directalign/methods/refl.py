@@ -61,7 +61,7 @@ def refl_loss(reward: torch.Tensor, kind: str, threshold: float, scale: float = 
 
 
 class ReFL:
-    """The ReFL recipe; ``cfg`` is a :class:`directalign.engine.config.Config`."""
+    """The ReFL recipe; ``cfg`` is a :class:`directalign.config.Config`."""
 
     def __init__(self, cfg, adapter, reward):
         self.cfg, self.adapter, self.reward = cfg, adapter, reward

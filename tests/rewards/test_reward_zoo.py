@@ -25,8 +25,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from directalign.engine.config import ConfigError, build_config
-from directalign.engine.trainer import TrainingError, load_reward
+from directalign.config import build_config
+from directalign.engine.config import ConfigError
+from directalign.methods.registry import METHODS
+from directalign.rewards.registry import RewardError
+from directalign.rewards.registry import load_reward as load_reward_section
 from directalign.rewards import preprocess as pp
 from directalign.rewards.aesthetic import AestheticMLP, LaionAestheticReward
 from directalign.rewards.clip_score import ClipScoreReward
@@ -41,6 +44,11 @@ from image_helpers import real_images, to_pil
 PROMPTS = ["a red circle on a blue background", "a green square on a yellow background"]
 WORDS = sorted({w for p in PROMPTS for w in p.split()} | {"textured", "flat", "detailed", "painting", "."})
 CPU = torch.device("cpu")
+
+
+def load_reward(cfg, device):
+    """The run's reward as training loads it: the registry's loader, checked against the method's held-out form."""
+    return load_reward_section(cfg.reward, device, METHODS[cfg.method].held_out_form(cfg)[0])
 
 
 # ============================================================================================ offline tokenizers
@@ -745,12 +753,12 @@ def test_load_reward_builds_a_weighted_sum(clip_dir, hps_files, aesthetic_files,
 def test_image_only_reward_with_a_relative_form_is_refused(clip_dir, aesthetic_files):
     _, aroot = aesthetic_files
     cfg = _cfg("aesthetic", aroot / "head.safetensors", [f"reward.clip_backbone={clip_dir}"])
-    with pytest.raises(TrainingError, match="image-only.*reward.form=absolute"):
+    with pytest.raises(RewardError, match="image-only.*reward.form=absolute"):
         load_reward(cfg, CPU)
 
 
 def test_missing_reward_weights_are_named(tmp_path):
-    with pytest.raises(TrainingError, match="reward.kind=hpsv2"):
+    with pytest.raises(RewardError, match="reward.kind=hpsv2"):
         load_reward(_cfg("hpsv2", tmp_path / "nothing-here", ["reward.tokenizer=/nonexistent"]), CPU)
 
 
@@ -769,7 +777,7 @@ def test_reward_config_errors_name_the_key(overrides, match):
 
 
 def test_sum_without_terms_is_refused():
-    with pytest.raises(TrainingError, match="reward.terms.kinds"):
+    with pytest.raises(RewardError, match="reward.terms.kinds"):
         load_reward(build_config({}, ["reward.kind=sum"]), CPU)
 
 

@@ -15,8 +15,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from directalign.engine.config import ConfigError, build_config
-from directalign.engine.trainer import TrainingError, load_reward
+from directalign.config import build_config
+from directalign.engine.config import ConfigError
+from directalign.methods.registry import METHODS
+from directalign.rewards.registry import RewardError
+from directalign.rewards.registry import load_reward as load_reward_section
 from directalign.rewards import preprocess as pp
 from directalign.rewards.aesthetic_v25 import HEAD_KEYS, AestheticV25Reward, load_head
 from directalign.rewards.relative import semantic_relative_reward
@@ -26,6 +29,11 @@ from image_helpers import real_images, to_pil
 
 PROMPTS = ["a red circle on a blue background", "a green square on a yellow background"]
 CPU = torch.device("cpu")
+
+
+def load_reward(cfg, device):
+    """The run's reward as training loads it: the registry's loader, checked against the method's held-out form."""
+    return load_reward_section(cfg.reward, device, METHODS[cfg.method].held_out_form(cfg)[0])
 WIDTH = 32  # the tiny SigLIP's hidden size (1152 for so400m)
 SIZE = 384  # as google/siglip-so400m-patch14-384
 
@@ -288,7 +296,7 @@ def test_direct_align_needs_no_form(files):
 def test_the_relative_srpo_forms_are_refused(files, form):
     root, _ = files
     cfg = _cfg(root / "head.safetensors", f"reward.siglip_backbone={root / 'siglip-vision'}", f"reward.form={form}")
-    with pytest.raises(TrainingError, match=r"reward.kind=aesthetic-v25 is image-only.*reward.form=absolute"):
+    with pytest.raises(RewardError, match=r"reward.kind=aesthetic-v25 is image-only.*reward.form=absolute"):
         load_reward(cfg, CPU)
     reward = reward_from_config(cfg.reward)
     with pytest.raises(ValueError, match="image-only"):
@@ -298,7 +306,7 @@ def test_the_relative_srpo_forms_are_refused(files, form):
 def test_missing_weights_are_named_through_the_config(files, tmp_path):
     root, _ = files
     cfg = _cfg(tmp_path / "nothing.pth", f"reward.siglip_backbone={root / 'siglip-vision'}", "reward.form=absolute")
-    with pytest.raises(TrainingError, match=r"reward.kind=aesthetic-v25: .*does not exist"):
+    with pytest.raises(RewardError, match=r"reward.kind=aesthetic-v25: .*does not exist"):
         load_reward(cfg, CPU)
 
 

@@ -31,7 +31,7 @@ from directalign.rewards import preprocess as pp
 from directalign.rewards.hps import (HPSv2Reward, convert_openclip_state_dict, load_openclip_state_dict,
                                      openclip_config)
 
-DATA = Path(__file__).parent / "data" / "hps_openclip_reference"
+DATA = Path(__file__).resolve().parents[1] / "data" / "hps_openclip_reference"
 CHECKPOINT = DATA / "HPS_tiny_openclip.pt"
 # float32 features of order 1 (up to 3.3 here) through 2 + 2 blocks: measured max |diff| 0 (image), 4.8e-7 (text)
 # and 6e-8 (scores) against open_clip; 1e-5 leaves room for other BLAS / SDPA kernels. Every mutation below moves

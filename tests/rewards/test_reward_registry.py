@@ -74,7 +74,7 @@ def test_clamp_resized_covers_every_resizing_path_but_hpsv2s_pad():
     images = overshooting_images(48, 64).requires_grad_(True)
     for crop in ("floor", "round", "squash"):
         on, off = (pp.published_preprocess(images, 224, crop, clamp=c) for c in (True, False))
-        assert float((on - off).abs().max()) > 0.05, crop
+        assert float((on - off).detach().abs().max()) > 0.05, crop
         # the clamp cuts the gradient of the clipped pixels; without it every output pixel passes gradient back
         g_on, = torch.autograd.grad(on.sum(), images)
         g_off, = torch.autograd.grad(off.sum(), images)
@@ -89,7 +89,7 @@ def test_clamp_resized_covers_every_resizing_path_but_hpsv2s_pad():
 
 # ============================================================================================ the registry
 @pytest.fixture
-def kinds(random_world, clip_dir, hps_files, aesthetic_files, imagereward_files, v25_files):
+def kinds(random_world, clip_dir, hps_files, aesthetic_files, imagereward_files, v25_files):  # noqa: F811
     """``{kind: (path, options)}`` for every registered kind, on the tiny random fixtures."""
     _, ckpt, tok_dir = hps_files
     _, aroot = aesthetic_files
@@ -127,14 +127,17 @@ def test_the_factory_hands_clamp_resized_to_every_kind(kinds):
                 torch.testing.assert_close(a, b, rtol=0, atol=0)
                 on.crop = off.crop = "round"  # the official SRPO code's resize + centre crop: now it does
                 a, b = on(images, PROMPTS), off(images, PROMPTS)
-        assert float((a - b).abs().max()) > 1e-5 * (1 + float(a.abs().max())), kind
+            state_on, state_off = on.encode_images(images), off.encode_images(images)
+        assert float((state_on - state_off).abs().max()) > 1e-3 * float(state_on.abs().max()), kind
+        if kind != "imagereward":  # the tiny random ImageReward's head is all but constant: its score moves ~1e-6
+            assert float((a - b).abs().max()) > 1e-5 * (1 + float(a.abs().max())), kind
 
 
 def test_the_config_flag_reaches_single_rewards_and_sum_terms(kinds):
     path, _ = kinds["clip"]
     cfg = build_config({}, ["reward.kind=clip", f"reward.path={path}", "reward.clamp_resized=false"])
     assert load_reward(cfg.reward, CPU, cfg.reward.form).clamp_resized is False
-    (ppath, _), (apath, aopts) = kinds["pickscore"], kinds["aesthetic"]
+    ppath, apath = kinds["pickscore"][0], kinds["aesthetic"][0]
     cfg = build_config({}, ["reward.kind=sum", "reward.clamp_resized=false", f"reward.clip_backbone={path}",
                             "reward.terms.kinds=[pickscore, aesthetic, tiny-world]",
                             f"reward.terms.paths=[{ppath}, {apath}, tiny-world]"])
@@ -197,8 +200,8 @@ def _eval_config(kinds) -> object:
     ipath, iopts = kinds["imagereward"]
     _, aopts = kinds["aesthetic"]
     _, vopts = kinds["aesthetic-v25"]
-    return build_config({}, ["reward.kind=imagereward", f"reward.path={ipath}", f"reward.tokenizer={iopts['tokenizer']}",
-                             f"reward.clip_backbone={aopts['clip_backbone']}",
+    return build_config({}, ["reward.kind=imagereward", f"reward.path={ipath}",
+                             f"reward.tokenizer={iopts['tokenizer']}", f"reward.clip_backbone={aopts['clip_backbone']}",
                              f"reward.siglip_backbone={vopts['siglip_backbone']}", "reward.clamp_resized=false",
                              "model.device=cpu"])
 
