@@ -154,7 +154,9 @@ def build_config(data: dict | None = None, overrides: list[str] | None = None) -
         if name not in allowed:
             if name in owners:
                 raise ConfigError(f"section '{name}' belongs to method {' / '.join(owners[name])}, but method is "
-                                  f"{method}; remove the section or set method: {owners[name][0]}")
+                                  f"{method}; remove the section or set method: {owners[name][0]}"
+                                  + (f" (a shipped config of {method}: --config tiny-{method})"
+                                     if packaged_config(f"tiny-{method}").is_file() else ""))
             raise ConfigError(f"unknown config key {str(name)!r}; allowed keys here: method, {', '.join(allowed)}")
         built[name] = build_section(allowed[name], value, name)
     cfg = Config(method, built)

@@ -398,7 +398,7 @@ def test_qwen_vae_decode_checkpointing_gives_the_same_gradient():
 def test_eval_loads_a_pipeline_and_an_exported_transformer_of_the_family(family, saved_dirs, tmp_path):
     """``directalign eval/sample`` read the family from model_index.json and load an exported transformer with the
     base's own class (not FLUX's)."""
-    from directalign.eval_cli import load_model, resolve_model
+    from directalign.eval.models import load_model, resolve_model
 
     _, cls, side, seq = SPECS[family]
     cfg = build_config({}, ["model.device=cpu", f"model.height={side}", f"model.width={side}",
@@ -420,7 +420,8 @@ def test_eval_loads_a_pipeline_and_an_exported_transformer_of_the_family(family,
 
 
 def test_eval_refuses_a_transformer_of_another_family(saved_dirs, tmp_path):
-    from directalign.eval_cli import EvalError, load_model, resolve_model
+    from directalign.eval import EvalError
+    from directalign.eval.models import load_model, resolve_model
 
     sd3, _ = _adapter("sd3")
     sd3.transformer.save_pretrained(tmp_path / "transformer")

@@ -242,3 +242,25 @@ def test_sde_keeps_the_flow_marginals(kind, eta):
         x = mean + std * torch.randn(x.shape, generator=g)
     s = float(sig[stop])
     assert float(x.var()) == pytest.approx(s**2 + (1 - s) ** 2 * c2, rel=0.05)
+
+
+# ------------------------------------------------------------------------------------------ StepOutput by hand
+def test_step_output_sums_losses_and_averages_per_pass_metrics():
+    """A step's passes reach the engine as one StepOutput: losses summed (each is already its share), rewards
+    averaged over passes, and per pass name the mean reward, sigma, k (``with_k``) and extras."""
+    from directalign.methods.base import BranchResult, step_output
+
+    results = [BranchResult("denoise", 0.5, 0.25, 0.8, 0.7, k=0.1),
+               BranchResult("inversion", 0.25, -0.5, 0.6, 0.7, k=0.3),
+               BranchResult("denoise", 1.0, 0.75, 0.4, 0.3, k=0.2)]
+    out = step_output(results, with_k=True)
+    assert out.loss == pytest.approx(1.75)
+    assert out.reward == pytest.approx((0.25 - 0.5 + 0.75) / 3)
+    assert out.metrics == pytest.approx({"denoise_reward": 0.5, "denoise_sigma": 0.6, "denoise_k": 0.15,
+                                         "inversion_reward": -0.5, "inversion_sigma": 0.6, "inversion_k": 0.3})
+    # without k, and with a pass's extra diagnostics averaged under <name>_<key>
+    out = step_output([BranchResult("grpo", 0.0, 1.0, 0.5, extra={"kl": 0.2, "clip_fraction": 0.0}),
+                       BranchResult("grpo", 0.5, 2.0, 0.7, extra={"kl": 0.4, "clip_fraction": 1.0})])
+    assert out.loss == pytest.approx(0.5) and out.reward == pytest.approx(1.5)
+    assert out.metrics == pytest.approx({"grpo_reward": 1.5, "grpo_sigma": 0.6, "grpo_kl": 0.3,
+                                         "grpo_clip_fraction": 0.5})
