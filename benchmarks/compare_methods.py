@@ -7,7 +7,7 @@ of held-out reward against the number of model evaluations (NFE).
 
 Methods: SRPO, plain Direct-Align, ReFL, DRaFT-K, DRaFT-LV, AlignProp, DanceGRPO, each from its shipped
 ``configs/tiny-<method>.yaml`` (same LoRA, optimiser and evaluation settings), each trained by
-:func:`directalign.training.train` and evaluated by :func:`directalign.evaluation.evaluate`.
+:func:`directalign.training.train` and evaluated by :func:`directalign.eval.heldout.evaluate`.
 
 Budget. ``--budget-minutes`` is the whole comparison's wall clock. The script measures the base model's evaluation,
 then (unless ``--steps`` fixes them) each method's seconds per optimizer step on this machine (3 steps through the
@@ -115,8 +115,8 @@ def peak_memory_mb() -> float:
 def evaluate_point(adapter, reward, cfg, prompts: list[str]) -> dict:
     """Everything the table needs about one model, on the held-out prompts and fixed seeds."""
     from directalign import metrics as M
-    from directalign.eval_cli import TINY_RELATIVE_WORDS, RewardSpec, score_images
-    from directalign.evaluation import evaluate
+    from directalign.eval.heldout import evaluate
+    from directalign.eval.scoring import TINY_RELATIVE_WORDS, RewardSpec, score_images
 
     res = evaluate(adapter, reward, cfg, prompts, judge_world=True)
     scores = score_images(RewardSpec("tiny-world", reward, *TINY_RELATIVE_WORDS), res.images, res.prompts)
@@ -143,7 +143,7 @@ def worker_base(spec: dict) -> dict:
 
     from directalign.adapters.loading import load_adapter
     from directalign.engine.finetune import DTYPES, resolve_device
-    from directalign.evaluation import held_out_form
+    from directalign.eval.heldout import held_out_form
     from directalign.prompts import load_prompts
     from directalign.rewards.registry import load_reward
 
@@ -177,7 +177,7 @@ def worker_calibrate(spec: dict) -> dict:
 def worker_run(spec: dict) -> dict:
     """Train one (method, seed) in sessions that end at the evaluation points; evaluate after each."""
     from directalign.engine.finetune import resolve_device
-    from directalign.evaluation import held_out_form
+    from directalign.eval.heldout import held_out_form
     from directalign.rewards.registry import load_reward
     from directalign.training import train
     from directalign.logging_utils import read_metrics

@@ -25,7 +25,7 @@ from .engine.finetune import DTYPES, FineTuning, resolve_device
 from .engine.loop import StepLoop
 from .engine.rundir import RunDirLock, check_run_dir, prepare_run_dir
 from .errors import TrainingError
-from .evaluation import best_of_n, evaluate
+from .eval.heldout import best_of_n, evaluate
 from .export import export_weights
 from .logging_utils import MetricsLogger
 from .methods.registry import METHODS
@@ -191,7 +191,7 @@ def finish(cfg: Config, run_dir: Path, adapter, reward, eval_prompts, skipped: i
         "skipped_steps": skipped,
         "eval_prompts": len(eval_prompts),
         "eval_seeds": cfg.eval.seeds,
-        "reward_definition": "training reward on held-out prompts (see directalign.evaluation)",
+        "reward_definition": "training reward on held-out prompts (see directalign.eval.heldout)",
     })
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     if cfg.run.report:

@@ -207,7 +207,7 @@ def _eval_config(kinds) -> object:
 
 
 def test_eval_reward_specs_resolve_through_the_registry(kinds, tmp_path):
-    from directalign.eval_cli import load_rewards
+    from directalign.eval.scoring import load_rewards
     from directalign.rewards.aesthetic import LaionAestheticReward
     from directalign.rewards.aesthetic_v25 import AestheticV25Reward
     from directalign.rewards.clip import CLIPReward
@@ -252,7 +252,7 @@ def test_eval_reward_specs_resolve_through_the_registry(kinds, tmp_path):
         assert len(str(e.value).splitlines()) == 1
 
 
-def test_eval_cli_scores_with_image_only_and_other_kinds(kinds, tmp_path, capsys):
+def test_eval_command_scores_with_image_only_and_other_kinds(kinds, tmp_path, capsys):
     """``directalign eval --images DIR --rewards aesthetic:PATH,...``: the scores are the registry's rewards'."""
     import yaml
 

@@ -3,7 +3,8 @@
 "Reward" here is the training reward evaluated on held-out prompts and fixed seeds: for SRPO the relative form with
 the run's control words (averaged over every positive x negative pair; SRPO: k = the mean of ``discount_pos`` in the
 official and paper forms, 0 in the multiplicative mode; other methods: ``reward.relative_k``), for plain
-Direct-Align the absolute score.
+Direct-Align the absolute score. Training calls :func:`evaluate` before and after a run (``reward_before`` /
+``reward_after`` of ``summary.json``); ``directalign eval`` calls it too, so it reproduces those numbers.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .methods.registry import METHODS
-from .methods.sampling import generate
-from .rewards.relative import combine, control_prompt
+from ..methods.registry import METHODS
+from ..methods.sampling import generate
+from ..rewards.relative import combine, control_prompt
 
 
 @dataclass
@@ -48,7 +49,8 @@ def training_reward(reward, images: torch.Tensor, prompts: list[str], cfg) -> to
     return total / len(pairs)
 
 
-def _score_in_chunks(reward, images, prompts, cfg, chunk: int = 256) -> torch.Tensor:
+def score_in_chunks(reward, images, prompts, cfg, chunk: int = 256) -> torch.Tensor:
+    """:func:`training_reward` of many images, ``chunk`` at a time (N,)."""
     return torch.cat([training_reward(reward, images[i : i + chunk], prompts[i : i + chunk], cfg)
                       for i in range(0, len(prompts), chunk)])
 
@@ -59,14 +61,16 @@ def eval_slots(prompts: list[str], seeds: list[int]) -> tuple[list[str], list[in
 
 
 def evaluate(adapter, reward, cfg, prompts: list[str], judge_world: bool) -> EvalResult:
+    """Generate every (prompt, seed) slot of ``cfg.eval`` and score it with the run's reward (plus the tiny world's
+    judge rates when ``judge_world``)."""
     e, m = cfg.eval, cfg.model
     slot_prompts, slot_seeds = eval_slots(prompts, e.seeds)
     images = generate(adapter, slot_prompts, slot_seeds, e.steps, cfg.sampling.shift, e.guidance, m.height, m.width,
                       e.batch_size)
-    rewards = _score_in_chunks(reward, images, slot_prompts, cfg)
+    rewards = score_in_chunks(reward, images, slot_prompts, cfg)
     judge = None
     if judge_world:
-        from .world.judge import attribute_rates
+        from ..world.judge import attribute_rates
 
         judge = attribute_rates(images, slot_prompts)
     return EvalResult(float(rewards.mean()), rewards, images, slot_prompts, slot_seeds, judge)
@@ -81,6 +85,6 @@ def best_of_n(adapter, reward, cfg, prompts: list[str], n: int) -> float:
         seeds = [s + 100_003 * j for s in slot_seeds]
         images = generate(adapter, slot_prompts, seeds, e.steps, cfg.sampling.shift, e.guidance, m.height, m.width,
                           e.batch_size)
-        r = _score_in_chunks(reward, images, slot_prompts, cfg)
+        r = score_in_chunks(reward, images, slot_prompts, cfg)
         best = r if best is None else torch.maximum(best, r)
     return float(best.mean())
