@@ -80,6 +80,15 @@ def _quiet(*_a, **_k):
 
 
 
+def own_overrides(method: str, overrides: list[str]) -> list[str]:
+    """The ``--set`` overrides that apply to ``method``: shared sections always, a method section only to the methods
+    it belongs to (``--set grpo.eta=0.5`` changes the GRPO runs and no other)."""
+    from directalign.methods.registry import sections
+
+    owners = sections()
+    return [o for o in overrides if method in owners.get(o.split(".", 1)[0], [method])]
+
+
 def run_config(method: str, seed: int, steps: int, run_dir: Path, eval_seeds: list[int], overrides: list[str]):
     from directalign.config import build_config
     from directalign.engine.config import load_yaml
@@ -87,7 +96,7 @@ def run_config(method: str, seed: int, steps: int, run_dir: Path, eval_seeds: li
     fixed = [f"train.steps={steps}", f"train.seed={seed}", f"run.output_dir={run_dir}", "run.checkpoint_every=0",
              "run.progress=false", "run.report=false", "eval.before=false", "eval.best_of=1",
              f"eval.seeds={list(eval_seeds)}"]
-    return build_config(load_yaml(config_file(method)), fixed + list(overrides))
+    return build_config(load_yaml(config_file(method)), fixed + own_overrides(method, overrides))
 
 
 def config_steps(method: str, overrides: list[str]) -> int:
@@ -95,7 +104,7 @@ def config_steps(method: str, overrides: list[str]) -> int:
     from directalign.config import build_config
     from directalign.engine.config import load_yaml
 
-    return build_config(load_yaml(config_file(method)), list(overrides)).train.steps
+    return build_config(load_yaml(config_file(method)), own_overrides(method, overrides)).train.steps
 
 
 def eval_points(steps: int, n: int) -> list[int]:
@@ -488,7 +497,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-points", type=int, default=4, help="evaluations per run (the last at its end)")
     p.add_argument("--eval-seeds", default="0,1,2,3", help="noise seeds of the held-out evaluation")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override applied to every method (e.g. eval.steps=8)")
+                   help="config override: a shared key (eval.steps=8) applies to every method, a method section's key "
+                        "(grpo.eta=0.5) to the methods it belongs to")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output directory")
     p.add_argument("--workdir", default="", help="where runs live (default: a temporary directory, removed)")
     p.add_argument("--keep-runs", action="store_true", help="keep run directories, checkpoints and exports")

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+# The slow tier: the benchmark trains every method in worker processes.
+pytestmark = pytest.mark.slow
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_methods.py"
 TINY = ["eval.steps=2", "train.batch_size=2", "train.lora_rank=4", "train.lora_alpha=4",
         "srpo.rollout_steps=2", "srpo.grid_points=40", "srpo.window_margin=2",

@@ -426,8 +426,9 @@ def test_a_section_of_another_method_is_a_one_line_error_naming_its_method(metho
         with pytest.raises(ConfigError) as e:
             attempt()
         msg = str(e.value)
+        shipped = f" (a shipped config of {method}: --config tiny-{method})"  # every method ships a tiny config
         assert msg == (f"section '{section}' belongs to method {' / '.join(owners)}, but method is {method}; "
-                       f"remove the section or set method: {owners[0]}")
+                       f"remove the section or set method: {owners[0]}{shipped}")
     # with the section's own method the same settings load
     for owner in owners:
         assert build_config({"method": owner, section: {}}) == Config(owner)

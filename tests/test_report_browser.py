@@ -105,7 +105,8 @@ def test_report_renders_offline_in_chromium(report_path: Path, browser):
 
     # the four training-curve plots are there, each with a drawn line
     plots = browser.find_elements(By.CSS_SELECTOR, "svg.plot")
-    assert len(plots) == 4
+    # 4 standard curves (reward, loss, grad norm, seconds) + SRPO's own metrics: k, reward and sigma per branch
+    assert len(plots) == 4 + 6
     for plot in plots:
         assert plot.size["width"] > 100 and plot.size["height"] > 100
         assert len(plot.find_elements(By.TAG_NAME, "polyline")) == 1

@@ -18,6 +18,9 @@ from safetensors.torch import load_file
 from directalign.config import build_config
 from directalign.training import train
 
+# The slow tier: each test starts 2 training processes (torchrun / accelerate) on gloo.
+pytestmark = pytest.mark.slow
+
 SETTINGS = ["srpo.rollout_steps=2", "srpo.grid_points=40", "srpo.window_margin=2", "eval.before=false",
             "run.progress=false", "srpo.share_noise_across_ranks=false", "srpo.share_window_across_ranks=true",
             "train.learning_rate=1e-3", "train.grad_clip=0", "run.checkpoint_every=1", "train.steps=3",

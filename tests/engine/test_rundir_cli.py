@@ -5,12 +5,17 @@ other)."""
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import subprocess
 import sys
 import time
 
 from helpers import SRC
+
+# The slow tier: each test starts `directalign train` processes.
+pytestmark = pytest.mark.slow
 
 CHEAP = ["--set", "srpo.rollout_steps=2", "--set", "srpo.grid_points=40", "--set", "srpo.window_margin=2",
          "--set", "eval.before=false", "--set", "run.progress=false", "--set", "train.batch_size=1",
