@@ -83,3 +83,17 @@ def context(step: int = 0, prompts=PROMPTS, seed: int = 3, rank: int = 0, world_
 def run_step(method, step: int = 0, prompts=PROMPTS, seed: int = 3, backward=None):
     """``method.train_step`` on :func:`context`; ``backward`` defaults to ``loss.backward()``."""
     return method.train_step(context(step, prompts, seed), backward or (lambda loss: loss.backward()))
+
+
+def record_branches(monkeypatch, method) -> list:
+    """Wrap ``method.branch_loss`` (SRPO) to collect each pass's BranchResult, in call order."""
+    results = []
+    orig = method.branch_loss
+
+    def recorded(*a, **k):
+        loss, res = orig(*a, **k)
+        results.append(res)
+        return loss, res
+
+    monkeypatch.setattr(method, "branch_loss", recorded)
+    return results

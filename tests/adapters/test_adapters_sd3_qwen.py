@@ -13,7 +13,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import run_step, tiny_config
+from helpers import record_branches, run_step, tiny_config
 
 from directalign import flow
 from directalign.adapters.loading import FAMILIES, load_adapter
@@ -158,20 +158,6 @@ def _setup(family, random_world, extra=(), finetune=True):
     return cfg, adapter, reward, method, params
 
 
-def _record_branches(monkeypatch, method) -> list:
-    """Wrap ``method.branch_loss`` to collect each SRPO pass's BranchResult, in call order."""
-    results = []
-    orig = method.branch_loss
-
-    def recorded(*a, **k):
-        loss, res = orig(*a, **k)
-        results.append(res)
-        return loss, res
-
-    monkeypatch.setattr(method, "branch_loss", recorded)
-    return results
-
-
 def _text_encoders(adapter):
     names = ("text_encoder", "text_encoder_2", "text_encoder_3")
     return [getattr(adapter.pipe, n) for n in names if getattr(adapter.pipe, n, None) is not None]
@@ -181,7 +167,7 @@ def _text_encoders(adapter):
 @pytest.mark.parametrize("train_guidance", [1.0, 2.5])
 def test_srpo_step_gradients_reach_only_lora_parameters(family, train_guidance, random_world, monkeypatch):
     cfg, adapter, reward, method, params = _setup(family, random_world, [f"srpo.train_guidance={train_guidance}"])
-    results = _record_branches(monkeypatch, method)
+    results = record_branches(monkeypatch, method)
     out = run_step(method, 0, PROMPTS, 3)
     assert [r.name for r in results] == ["denoise", "inversion"]
     assert all(np.isfinite(r.loss) for r in results)

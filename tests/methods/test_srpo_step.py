@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import PROMPTS, build_parts, context, run_step, tiny_config
+from helpers import (
+    PROMPTS,
+    build_parts,
+    context,
+    record_branches,
+    run_step,
+    tiny_config,
+)
 
 from directalign import flow
 from directalign.engine.context import STREAM_NOISE
@@ -21,20 +28,6 @@ def _setup(*overrides, finetune=True):
     return cfg, adapter, reward, method, params
 
 
-def _record_branches(monkeypatch, method) -> list:
-    """Wrap ``method.branch_loss`` to collect each pass's BranchResult, in call order."""
-    results = []
-    orig = method.branch_loss
-
-    def recorded(*a, **k):
-        loss, res = orig(*a, **k)
-        results.append(res)
-        return loss, res
-
-    monkeypatch.setattr(method, "branch_loss", recorded)
-    return results
-
-
 def _draws(method, cfg, step, seed, n=1):
     """Replay the step's window draws: SRPO draws them, in order, from the context's own stream."""
     g = context(step, PROMPTS, seed).generator()
@@ -44,7 +37,7 @@ def _draws(method, cfg, step, seed, n=1):
 # ------------------------------------------------------------------------------------------------------- (a)
 def test_gradients_reach_only_lora_parameters(random_world, monkeypatch):
     cfg, adapter, reward, method, params = _setup()
-    results = _record_branches(monkeypatch, method)
+    results = record_branches(monkeypatch, method)
     out = run_step(method)
     assert [r.name for r in results] == ["denoise", "inversion"]
     assert set(out.metrics) == {f"{b}_{k}" for b in ("denoise", "inversion") for k in ("reward", "sigma", "k")}
@@ -99,7 +92,7 @@ def test_branches_query_the_model_at_draw_window_sigmas(random_world, monkeypatc
     cfg, adapter, reward, method, _ = _setup(f"srpo.quantize_timestep={quantize}")
     rec = _Recorder(adapter)
     monkeypatch.setattr(adapter, "velocity", rec)
-    results = _record_branches(monkeypatch, method)
+    results = record_branches(monkeypatch, method)
     targets = []
     orig_da = flow.direct_align_x0
 
@@ -169,7 +162,7 @@ def test_branch_rewards_use_official_forms(random_world, monkeypatch):
 
     cfg, adapter, reward, method, _ = _setup("reward.positive_words=[textured, detailed]",
                                              "reward.negative_words=[flat]")
-    results = _record_branches(monkeypatch, method)
+    results = record_branches(monkeypatch, method)
     calls = []
     orig = srpo_mod.semantic_relative_reward
 
@@ -200,7 +193,7 @@ def test_branch_rewards_use_official_forms(random_world, monkeypatch):
 # ------------------------------------------------------------------------------------------------------- (c)
 def test_samples_per_rollout_doubles_branches_and_shares_sum_to_one(random_world, monkeypatch):
     cfg, adapter, reward, method, _ = _setup("srpo.samples_per_rollout=2")
-    results = _record_branches(monkeypatch, method)
+    results = record_branches(monkeypatch, method)
     step, seed = 1, 5
     losses = []
 
@@ -230,7 +223,7 @@ def test_samples_per_rollout_doubles_branches_and_shares_sum_to_one(random_world
 
 def test_single_branch_gets_full_pass_weight(random_world, monkeypatch):
     cfg, adapter, reward, method, _ = _setup("srpo.inversion_branch=false")
-    results = _record_branches(monkeypatch, method)
+    results = record_branches(monkeypatch, method)
     out = run_step(method)
     assert [r.name for r in results] == ["denoise"]
     assert set(out.metrics) == {"denoise_reward", "denoise_sigma", "denoise_k"}
