@@ -32,8 +32,8 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 @pytest.fixture(scope="module")
 def report_path(random_world_dir, tmp_path_factory):
     from directalign.config import build_config
-    from directalign.training import train
     from directalign.report import write_report
+    from directalign.training import train
 
     out = tmp_path_factory.mktemp("browser-run") / "run"
     with pytest.MonkeyPatch.context() as mp:
@@ -41,7 +41,7 @@ def report_path(random_world_dir, tmp_path_factory):
         mp.setenv("HF_HUB_OFFLINE", "1")
         cfg = build_config({}, [f"run.output_dir={out}", "train.steps=3", "train.batch_size=2",
                                 "srpo.rollout_steps=2", "eval.seeds=[0,1]", "eval.steps=2", "eval.best_of=1",
-                                "run.progress=false", "train.learning_rate=1e-2"])
+                                "run.progress=false", "train.learning_rate=1e-2", "run.sample_every=1"])
         train(cfg, log=lambda *_: None)
         return write_report(out)
 
@@ -100,7 +100,8 @@ def test_report_renders_offline_in_chromium(report_path: Path, browser):
     images = browser.execute_script(
         "return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight]);")
     n_prompts = json.loads((report_path.parent / "summary.json").read_text())["eval_prompts"]
-    assert len(images) == 2 * n_prompts
+    n_heldout = 4  # run.sample_every=1 over 3 steps: the grids of steps 0, 1, 2 and 3
+    assert len(images) == 2 * n_prompts + n_heldout
     assert all(c and w > 0 and h > 0 for c, w, h in images), images
 
     # the four training-curve plots are there, each with a drawn line
@@ -110,6 +111,13 @@ def test_report_renders_offline_in_chromium(report_path: Path, browser):
     for plot in plots:
         assert plot.size["width"] > 100 and plot.size["height"] > 100
         assert len(plot.find_elements(By.TAG_NAME, "polyline")) == 1
+    # the held-out points of the samples during training sit on the reward curve, drawn inside the plot
+    points = plots[0].find_elements(By.CSS_SELECTOR, "path.extra-point")
+    assert len(points) == n_heldout and all(pt.size["width"] > 3 for pt in points)
+    assert sum(len(p.find_elements(By.CSS_SELECTOR, "path.extra-point")) for p in plots) == n_heldout
+    grid = browser.find_element(By.CSS_SELECTOR, "table.heldout img.sample")
+    browser.execute_script("arguments[0].scrollIntoView();", grid)
+    assert grid.size["width"] > 50 and pixel_std(grid.screenshot_as_png) > 5
 
     # the page and the sample images are visibly drawn
     assert pixel_std(browser.get_screenshot_as_png()) > 10

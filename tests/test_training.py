@@ -287,6 +287,9 @@ def test_nonfinite_step_is_skipped(random_world, tmp_path, monkeypatch):
     records = read_metrics(run)
     assert [r["step"] for r in records] == [1, 2, 3]
     assert [r["skipped"] for r in records] == [False, True, False]
+    strict = [json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.jsonl"))
+              for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert strict[1]["loss"] is None  # the skipped step's NaN, as JSON null
     s1, s2, s3 = (_ckpt_tensors(run, i) for i in (1, 2, 3))
     for k in s1:
         assert torch.equal(s1[k], s2[k]), f"{k} changed on the skipped step"
@@ -507,3 +510,185 @@ def test_offline_bad_data_names_the_file(random_world, tmp_path):
     (folder3 / "img0.png").write_bytes((folder3 / "img0.png").read_bytes()[:60])  # truncated
     with pytest.raises(data_mod.DataError, match="img0.png"):
         data_mod.load_offline(str(folder3), 32, 32)
+
+
+# ------------------------------------------------------------------------------------------------------ issue 16
+# Items 4-7 and 13: resume against the run's recorded state, float16 on the CPU, the summary of a base model that was
+# not measured, where the report is.
+def _cli_sets(run_dir: Path, *extra: str) -> list[str]:
+    from helpers import CHEAP, COMMON
+
+    out = []
+    for s in COMMON + CHEAP["srpo"] + [f"run.output_dir={run_dir}", *extra]:
+        out += ["--set", s]
+    return out
+
+
+def _files(root: Path) -> dict:
+    """Every file under ``root`` (but the lock file) with its size, mtime and content: what "nothing changed" means."""
+    from directalign.engine.rundir import LOCK_FILE
+
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != LOCK_FILE}
+
+
+def _no_model_loads(monkeypatch):
+    def refuse(*_a, **_k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(training_mod, "load_adapter", refuse)
+
+
+def test_finished_run_summary_and_resume_of_it(random_world, tmp_path, monkeypatch, capsys):
+    """Item 7: with eval.before=false the summary says "not measured (eval.before=false)", never nan; item 13: it
+    says where report.html is; item 5: --resume of the finished run says it is complete, loads nothing, changes
+    nothing and exits 0 (bare --resume and --resume RUN_DIR alike)."""
+    from directalign.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", *_cli_sets(run, "train.steps=1", "run.report=true")]) == 0
+    out, _ = capsys.readouterr()
+    assert "held-out reward: before not measured (eval.before=false)  after " in out
+    assert "nan" not in out.lower()
+    assert "  fg              not measured -> " in out  # the judge rates too
+    assert f"report: {run / 'report.html'}" in out and (run / "report.html").is_file()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["before_not_measured"] == "eval.before=false" and "reward_before" not in summary
+    assert summary["step"] == 1
+
+    before = _files(run)
+    _no_model_loads(monkeypatch)
+    for argv in (["train", *_cli_sets(run, "train.steps=1", "run.report=true"), "--resume"],
+                 ["train", "--resume", str(run)]):
+        assert main(argv) == 0
+        out, err = capsys.readouterr()
+        assert f"run {run} is already complete" in out and "nothing was done" in out, out
+        assert f"see {run / 'report.html'}" in out and "directalign eval --model" in out
+        assert "held-out reward: before not measured (eval.before=false)" in out
+        assert "done:" not in out and "error" not in err
+        assert _files(run) == before, "resuming a finished run changed its files"
+
+
+def test_resume_refuses_a_shorter_or_respanned_schedule(random_world, tmp_path, monkeypatch, capsys):
+    """Item 4: train.steps below the newest checkpoint's step is refused (one line, before any model loads, nothing
+    changed) instead of exporting the longer run under a shorter config.yaml; under a decaying LR schedule, which
+    spans train.steps, another train.steps is refused too; the same train.steps continues."""
+    from directalign.cli import main
+
+    run = tmp_path / "run"
+    extra = ("train.lr_schedule=cosine",)
+    train(_cfg(run, "train.steps=3", *extra), log=_quiet, max_steps_this_session=2)
+    assert json.loads((run / "checkpoints" / "step-00000002" / "state.json").read_text())["train_steps"] == 3
+    before = _files(run)
+    with monkeypatch.context() as m:
+        _no_model_loads(m)
+        with pytest.raises(TrainingError, match=r"newest checkpoint is at step 2, past train.steps=1; set "
+                                                r"train.steps to 2 or more"):
+            train(_cfg(run, "train.steps=1", *extra), resume=True, log=_quiet)
+        with pytest.raises(TrainingError, match=r"lr_schedule=cosine decays over train.steps.*keep train.steps=3"):
+            train(_cfg(run, "train.steps=4", *extra), resume=True, log=_quiet)
+        code = main(["train", "--resume", str(run), "--set", "train.steps=1"])
+        out, err = capsys.readouterr()
+        assert code == 2 and "Traceback" not in out + err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("directalign: error: --resume: the run's newest checkpoint "
+                                                       "is at step 2, past train.steps=1"), err
+    assert _files(run) == before
+    out = train(_cfg(run, "train.steps=3", *extra), resume=True, log=_quiet, max_steps_this_session=0)
+    assert out.summary == {"step": 2} and not out.already_complete
+
+
+@pytest.mark.slow  # five model loads and three evaluations: ~25 s (tests/test_run_state.py has the fast checks)
+def test_resume_with_other_eval_seeds_never_compares_across_seeds(random_world, tmp_path):
+    """Item 4: summary_before.json records the eval settings of the base evaluation; a resume with other eval.seeds
+    evaluates the base model again on them (and says so), or with eval.before=false reports the base model as not
+    measured, naming what changed."""
+    run, prompts = tmp_path / "run", tmp_path / "heldout.txt"
+    prompts.write_text("a red circle on a blue background\na green cross on a white background\n", encoding="utf-8")
+    base = ("train.steps=2", "eval.before=true", f"eval.prompts={prompts}")
+    train(_cfg(run, *base, "eval.seeds=[0]"), log=_quiet, max_steps_this_session=1)
+    first = json.loads((run / "summary_before.json").read_text())
+    assert first["eval_before"]["seeds"] == [0] and first["eval_before"]["prompts"] == str(prompts)
+    assert first["eval_before"]["prompt_count"] == 2
+
+    logged = []
+    train(_cfg(run, *base, "eval.seeds=[1]"), resume=True, log=logged.append, max_steps_this_session=0)
+    second = json.loads((run / "summary_before.json").read_text())
+    assert second["eval_before"]["seeds"] == [1]
+    assert second["reward_before"] != first["reward_before"]  # measured again, on the other seed
+    assert any("eval.seeds [0] -> [1]" in m and "evaluating the base model again" in m for m in logged), logged
+
+    stamp = (run / "summary_before.json").stat().st_mtime_ns  # the same settings: the record is kept as it is
+    train(_cfg(run, *base, "eval.seeds=[1]"), resume=True, log=_quiet, max_steps_this_session=0)
+    assert (run / "summary_before.json").stat().st_mtime_ns == stamp
+
+    logged.clear()
+    done = train(_cfg(run, *base, "eval.before=false", "eval.seeds=[0]"), resume=True, log=logged.append)
+    s = done.summary
+    assert "reward_before" not in s and "judge_before" not in s and s["eval_seeds"] == [0]
+    assert "eval.seeds [1] -> [0]" in s["before_not_measured"] and "eval.before=false" in s["before_not_measured"]
+    assert any("reports the base model as not measured" in m for m in logged), logged
+
+
+def test_summary_lines_say_not_measured_and_why():
+    from directalign.cli.train import log_results
+
+    lines = []
+    log_results({"reward_after": 0.5, "judge_after": {"fg": 1.0}, "before_not_measured": "eval.before=false",
+                 "reward_best_of_4": None}, lines.append)
+    assert lines == ["held-out reward: before not measured (eval.before=false)  after 0.5000",
+                     "  fg              not measured -> 1.000"]
+    lines.clear()
+    log_results({"reward_before": 0.25, "reward_best_of_4": 0.375, "reward_after": 0.5,
+                 "judge_before": {"fg": 0.5}, "judge_after": {"fg": 1.0}, "report": "r/report.html"}, lines.append)
+    assert lines == ["held-out reward: before 0.2500  best-of-4 0.3750  after 0.5000",
+                     "  fg              0.500 -> 1.000", "report: r/report.html"]
+
+
+@pytest.mark.slow  # float16 computes several times slower than float32 on the CPU: ~40 s
+def test_float16_on_cpu_trains_like_float32(random_world, tmp_path):
+    """Item 6: model.dtype=float16 on the CPU used to turn the weights into NaN after one step (AdamW on float16
+    weights). With float32 master weights it trains: every step finite, not skipped, the weights float32 and within
+    a percent of the float32 run's loss, so float16 is not refused on the CPU; the log says it is slower there."""
+    runs = {}
+    for dtype in ("float32", "float16"):
+        run, logged = tmp_path / dtype, []
+        train(_cfg(run, "train.steps=3", f"model.dtype={dtype}"), log=logged.append, max_steps_this_session=2)
+        assert any("model.dtype=float16 on the CPU" in m for m in logged) == (dtype == "float16")
+        runs[dtype] = read_metrics(run)
+        weights = _ckpt_tensors(run, 2)
+        assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in weights.values())
+    half, full = runs["float16"], runs["float32"]
+    assert [r["skipped"] for r in half] == [False, False]
+    for a, b in zip(half, full):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-2)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=0.1)
+
+
+def test_non_finite_weights_message_is_true(tmp_path):
+    """Item 6: "the previous checkpoint is kept" only when there is one."""
+    opt, sched = _dummy_optimizer()
+    root = tmp_path / "ck"
+    bad = {"w": torch.tensor([1.0, float("nan")])}
+    with pytest.raises(ckpt.CheckpointError, match="no checkpoint of this run exists yet, so none is kept") as e:
+        ckpt.save_checkpoint(root, 1, bad, opt, sched, {})
+    assert "previous checkpoint" not in str(e.value) and "lower train.learning_rate" in str(e.value)
+    ckpt.save_checkpoint(root, 1, {"w": torch.ones(2)}, opt, sched, {})
+    with pytest.raises(ckpt.CheckpointError, match="the previous checkpoint step-00000001 is kept"):
+        ckpt.save_checkpoint(root, 2, bad, opt, sched, {})
+
+
+def test_metrics_jsonl_is_strict_json(tmp_path):
+    """Item 6: a skipped step's NaN loss is written as null (bare NaN is not JSON)."""
+    from directalign.logging_utils import MetricsLogger
+
+    logger = MetricsLogger(tmp_path)
+    logger.write({"step": 1, "loss": float("nan"), "reward": float("inf"), "grad_norm": 0.5, "skipped": True})
+    logger.close()
+
+    def refuse(name):
+        raise ValueError(f"bare {name} in metrics.jsonl")
+
+    line = (tmp_path / "metrics.jsonl").read_text().strip()
+    record = json.loads(line, parse_constant=refuse)
+    assert record == {"step": 1, "loss": None, "reward": None, "grad_norm": 0.5, "skipped": True}

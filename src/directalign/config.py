@@ -124,6 +124,53 @@ def _check_renamed(data: dict) -> None:
             raise ConfigError(f"config key '{old}' was renamed; use {new} instead")
 
 
+def _key_paths(cls, prefix: str) -> list[str]:
+    """Every settable key of section ``cls`` as ``prefix.key`` (nested sections such as reward.terms included)."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        sub = hints.get(f.name)
+        nested = isinstance(sub, type) and dataclasses.is_dataclass(sub)
+        out += _key_paths(sub, f"{prefix}.{f.name}") if nested else [f"{prefix}.{f.name}"]
+    return out
+
+
+def _homes(key: str, where: str, method: str) -> list[str]:
+    """Where else ``key`` is a setting (``model.device`` for ``train.device``), this method's sections first."""
+    spec = METHODS[method]
+    mine = {**SHARED_SECTIONS, spec.section: spec.config}
+    others = {s.section: s.config for s in METHODS.values() if s.section not in mine}
+    found = []
+    for table, note in ((mine, ""), (others, " (a setting of another method)")):
+        for name, cls in table.items():
+            found += [p + note for p in _key_paths(cls, name) if p.rsplit(".", 1)[-1] == key and p != where]
+    return found
+
+
+def _check_misplaced(merged: dict, method: str) -> None:
+    """An unknown key that is a key of another section gets a hint naming where it lives."""
+    spec = METHODS[method]
+    allowed = {**SHARED_SECTIONS, spec.section: spec.config}
+    for name, value in merged.items():
+        if name in allowed and isinstance(value, dict):
+            keys = [(f"{name}.{k}", k, v) for k, v in value.items() if isinstance(k, str)
+                    and k not in {f.name for f in dataclasses.fields(allowed[name])}]
+        elif name not in allowed and isinstance(name, str) and name not in sections():
+            keys = [(name, name, value)]
+        else:
+            continue
+        for where, key, v in keys:
+            homes = _homes(key, where, method)
+            if homes:
+                home = homes[0]
+                example = f" (--set {home}={v})" if isinstance(v, (str, int, float)) and not home.endswith(")") else ""
+                section = home.split(" ")[0].rsplit(".", 1)[0]
+                raise ConfigError(f"unknown config key {where!r}; {key} is a key of section {section}: use "
+                                  f"{home}{example}")
+
+
 def validate(cfg: Config) -> None:
     """Check every section (after building, or after code changed a field) and the choices the registries own."""
     for name, section in cfg.section_items():
@@ -146,6 +193,7 @@ def build_config(data: dict | None = None, overrides: list[str] | None = None) -
     method = merged.pop("method", DEFAULT_METHOD)
     if not isinstance(method, str) or method not in METHODS:
         raise ConfigError(f"method: {method!r} is not allowed; choose one of {', '.join(METHODS)}")
+    _check_misplaced(merged, method)  # train.device -> "use model.device"
     spec = METHODS[method]
     allowed = {**SHARED_SECTIONS, spec.section: spec.config}
     owners = sections()
@@ -180,6 +228,9 @@ def resolve_config_path(value: str | None) -> Path:
 
 
 def load_config(path=None, overrides: list[str] | None = None) -> Config:
+    """The YAML file ``path`` plus the ``key=value`` overrides; every key neither sets takes the built-in default,
+    which for ``sampling``, ``train`` and the method's section is the FLUX.1-dev setting of the official code, not the
+    tiny job's (:mod:`directalign.config_sources` says which key comes from where; ``--print-config`` marks them)."""
     return build_config(load_yaml(path) if path else {}, overrides)
 
 

@@ -8,16 +8,24 @@ Two layouts are accepted:
 
 Images are resized (shortest side) and centre-cropped to the training resolution and held in memory as float tensors
 in [0, 1]; every file is checked at load time so that a corrupt image stops the run before the model loads.
+
+Every image mode Pillow opens is either converted to RGB in [0, 1] or refused with one line (see :func:`to_rgb`):
+8-bit modes through Pillow's own conversions, transparency composited over white, 16- and 32-bit integer grayscale
+scaled by the range of their stored integer type (a 16-bit PNG's 65535 is 1.0, not 255), 32-bit float grayscale
+taken as is when it lies in [0, 1]. The EXIF orientation tag is applied, as image viewers do. Pillow's modes:
+https://pillow.readthedocs.io/en/stable/handbook/concepts.html#modes
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
 from .errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -37,23 +45,101 @@ class OfflineData:
         return len(self.captions)
 
 
+# 8-bit modes Pillow converts to RGB itself (CMYK, YCbCr, LAB and HSV by their colour definitions), modes with an
+# alpha channel, and 16-bit integer grayscale modes. "I" (32-bit integer) and "F" (32-bit float) are handled below.
+_EIGHT_BIT = frozenset({"1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"})
+_ALPHA = frozenset({"LA", "PA", "RGBA", "RGBa"})
+_SIXTEEN_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+_RAWMODE_INT = re.compile(r"^I(?:;(\d+))?[BLN]?(S?)$")  # "I;16B", "I;32S", "I" (native signed 32-bit), ...
+
+
+def _stored_type(rawmode: str | None) -> tuple[int, bool] | None:
+    """(bits, signed) of the integers a mode-"I" image was decoded from, or None when its decoder does not say."""
+    m = _RAWMODE_INT.match(rawmode or "")
+    if m is None:
+        return None
+    if m.group(1) is None:
+        return 32, True  # Pillow's rawmode "I": native signed 32-bit
+    return int(m.group(1)), bool(m.group(2))
+
+
+def to_rgb(im, rawmode: str | None, path):
+    """``im`` (a loaded PIL image) as an 8-bit ``RGB`` PIL image, or as a float32 (H, W) grayscale array in [0, 1]
+    for 16- and 32-bit images (kept in float so their extra precision survives resizing).
+
+    ``rawmode`` is how the file's pixels were stored (the decoder's raw mode, read before loading): it tells a
+    16-bit from a 32-bit integer image, both of which Pillow may open as mode ``I``. Raises :class:`DataError`
+    for a mode or a range that has no faithful RGB reading."""
+    from PIL import Image
+
+    mode = im.mode
+    if mode in _SIXTEEN_BIT:
+        return np.asarray(im).astype(np.float32) / 65535.0
+    if mode == "I":
+        stored = _stored_type(rawmode)
+        if stored is None:
+            raise DataError(f"image {path} is a 32-bit integer image whose bit depth Pillow does not report; save it "
+                            "as an 8- or 16-bit PNG")
+        bits, signed = stored
+        values = np.asarray(im).astype(np.float64)
+        if signed and values.size and values.min() < 0:
+            raise DataError(f"image {path} is a signed {bits}-bit image with negative pixel values; save it as an 8- "
+                            "or 16-bit PNG with values from 0 (black) up")
+        top = 2.0 ** (bits - 1) - 1 if signed else 2.0 ** bits - 1
+        return np.clip(values / top, 0.0, 1.0).astype(np.float32)
+    if mode == "F":
+        values = np.asarray(im, dtype=np.float32)
+        finite = bool(np.isfinite(values).all())
+        if not finite or (values.size and (values.min() < 0 or values.max() > 1)):
+            what = "non-finite values" if not finite else f"values in [{values.min():.4g}, {values.max():.4g}]"
+            raise DataError(f"image {path} is a 32-bit float image with {what}, outside [0, 1]; save it as an 8- or "
+                            "16-bit PNG")
+        return values.copy()
+    if mode in ("L", "RGB", "P") and "transparency" in im.info:
+        im, mode = im.convert("RGBA"), "RGBA"  # a transparent colour or palette entry (PNG tRNS, GIF)
+    if mode in _ALPHA:
+        rgba = im.convert("RGBA")  # PA: through the palette; RGBa: un-premultiplied
+        flat = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        flat.alpha_composite(rgba)
+        return flat.convert("RGB")
+    if mode in _EIGHT_BIT:
+        return im.convert("RGB")
+    raise DataError(f"image {path} has the Pillow mode {mode!r}, which directalign cannot convert to RGB; save it as "
+                    "an 8-bit RGB PNG or JPEG")
+
+
+def _rawmode_of(im) -> str | None:
+    if not im.tile:
+        return None
+    args = im.tile[0][3]
+    raw = args[0] if isinstance(args, tuple) and args else args
+    return raw if isinstance(raw, str) else None
+
+
 def _load_image(path: Path, height: int, width: int) -> torch.Tensor:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
-            im.load()
-            im = im.convert("RGB")
+        with Image.open(path) as opened:
+            rawmode = _rawmode_of(opened)  # before load(), which clears the tiles
+            opened.load()
+            im = ImageOps.exif_transpose(opened)  # a copy: usable after the file closes
     except Image.DecompressionBombError:
         raise DataError(f"image {path} is too large to decode safely (over {Image.MAX_IMAGE_PIXELS} pixels); "
                         "downscale it") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"image {path} is corrupt or truncated ({type(e).__name__}); replace or remove it") from None
+    im = to_rgb(im, rawmode, path)
+    gray = isinstance(im, np.ndarray)
+    if gray:  # 16/32-bit: resample in float ("F"), not through an 8-bit image
+        im = Image.fromarray(im)  # float32 (H, W): mode "F"
     scale = max(height / im.height, width / im.width)
     size = (max(width, round(im.width * scale)), max(height, round(im.height * scale)))
     im = im.resize(size, Image.BICUBIC)
     left, top = (im.width - width) // 2, (im.height - height) // 2
     im = im.crop((left, top, left + width, top + height))
+    if gray:
+        return torch.from_numpy(np.clip(np.asarray(im, dtype=np.float32), 0.0, 1.0)).unsqueeze(0).repeat(3, 1, 1)
     return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
 
 
@@ -119,6 +205,9 @@ def load_offline(source: str, height: int, width: int) -> OfflineData:
     elif path.is_file() and path.suffix == ".jsonl":
         pairs = _pairs_from_manifest(path)
     else:
-        raise DataError(f"srpo.offline_data {source!r} is neither a folder of images nor a .jsonl manifest")
+        raise DataError(f"srpo.offline_data {source!r} is neither a folder of images nor a .jsonl manifest"
+                        if path.exists() else f"srpo.offline_data {source!r} does not exist; make example data with "
+                        f"`python -m directalign.world.export_images --out {source}` (tiny world) or give a folder "
+                        "of images with .txt captions or a .jsonl manifest")
     images = torch.stack([_load_image(p, height, width) for p, _ in pairs])
     return OfflineData(images, [c for _, c in pairs], [str(p) for p, _ in pairs])

@@ -2,8 +2,12 @@
 
 * ``tiny-world:train`` / ``tiny-world:heldout``: the tiny world's caption splits (the held-out split is the default
   evaluation set);
-* ``general`` / ``general:all`` / ``general:<category>``: prompts written for this project over the HPDv2 categories
-  (``anime``, ``concept-art``, ``painting``, ``photo``), shipped in ``directalign/prompt_sets/general.txt``;
+* the shipped sets in ``directalign/prompt_sets/<name>.txt``, prompts written for this project over the four styles
+  of HPDv2 (``anime``, ``concept-art``, ``painting``, ``photo``; Wu et al., arXiv 2306.09341): ``general-train``
+  (400, the training set of the real-model configs) and ``general`` (212, their held-out evaluation set; no prompt
+  of it is in ``general-train``). ``<name>`` / ``<name>:all`` is the whole set with the categories interleaved
+  (anime, concept art, painting, photo, anime, ...), so that any prefix is balanced, as a run with
+  ``train.shuffle_prompts=false`` reads it; ``<name>:<category>`` is one category;
 * a path to a ``.txt`` (one prompt per line), ``.jsonl`` (``{"prompt": ...}`` per line) or ``.csv`` file (a
   ``prompt`` column).
 """
@@ -24,20 +28,28 @@ class PromptError(UserError, ValueError):
     """A prompt source that cannot be used; the message names the file and the fix."""
 
 
+def shipped_prompt_sets() -> list[str]:
+    """The names of the prompt sets shipped in ``directalign/prompt_sets`` (``general``, ``general-train``)."""
+    from importlib import resources
+
+    folder = resources.files("directalign") / "prompt_sets"
+    return sorted(f.name[:-4] for f in folder.iterdir() if f.name.endswith(".txt"))
+
+
 def prompt_set_categories(name: str = "general") -> dict[str, list[str]]:
     """``{category: prompts}`` of a shipped prompt set, in file order."""
     from importlib import resources
 
     path = resources.files("directalign") / "prompt_sets" / f"{name}.txt"
     if not path.is_file():
-        raise PromptError(f"unknown prompt set {name!r}; shipped sets: general")
+        raise PromptError(f"unknown prompt set {name!r}; shipped sets: {', '.join(shipped_prompt_sets())}")
     out: dict[str, list[str]] = {}
     current = None
     for line in path.read_text(encoding="utf-8").splitlines():
         line = line.strip()
         if line.startswith("## "):
             current = line[3:].strip()
-            out[current] = []
+            out.setdefault(current, [])
         elif line and not line.startswith("#"):
             if current is None:
                 raise PromptError(f"prompt set {name!r}: a prompt precedes the first '## category' line")
@@ -49,11 +61,12 @@ def _slug(text: str) -> str:
     return text.strip().lower().replace("_", "-").replace(" ", "-")
 
 
-def _general(source: str) -> list[str]:
+def _shipped(source: str) -> list[str]:
     name, _, which = source.partition(":")
     cats = prompt_set_categories(name)
-    if which in ("", "all"):
-        return [p for prompts in cats.values() for p in prompts]
+    if which in ("", "all"):  # round robin over the categories: every prefix is balanced
+        columns = list(cats.values())
+        return [c[i] for i in range(max(map(len, columns), default=0)) for c in columns if i < len(c)]
     by_slug = {_slug(c): c for c in cats}
     if _slug(which) not in by_slug:
         raise PromptError(f"unknown {name} prompt category {which!r}; use {name}:all or one of "
@@ -62,9 +75,11 @@ def _general(source: str) -> list[str]:
 
 
 def load_prompts(source: str) -> list[str]:
-    """``tiny-world:train`` | ``tiny-world:heldout`` | ``general[:all|:<category>]`` | a .txt, .jsonl or .csv path."""
-    if source == "general" or (source.startswith("general:") and not Path(source).exists()):
-        return _general(source)
+    """``tiny-world:train`` | ``tiny-world:heldout`` | ``<shipped set>[:all|:<category>]`` (``general``,
+    ``general-train``) | a .txt, .jsonl or .csv path."""
+    name = source.partition(":")[0]
+    if name in shipped_prompt_sets() and (source == name or not Path(source).exists()):
+        return _shipped(source)
     if source.startswith("tiny-world:"):
         from .world import dataset as ds
 

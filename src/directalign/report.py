@@ -6,7 +6,10 @@ are inline SVG drawn here. It shows
 * the run's headline numbers and the eval table of ``summary.json`` (held-out training reward before / best-of-n /
   after, and the tiny world's judge rates);
 * training curves of ``metrics.jsonl``: reward, loss, grad norm, seconds per step, and every metric of the
-  method (SRPO: per-branch reward, sigma and k; GRPO: KL, clip fraction, ...) and of the reward (a sum's terms);
+  method (SRPO: per-branch reward, sigma and k; GRPO: KL, clip fraction, ...) and of the reward (a sum's terms),
+  each raw and smoothed (:mod:`directalign.report_plots`), the reward curve with the held-out points of
+  ``heldout.jsonl`` on it;
+* the held-out sample grids taken during training (``run.sample_every``, :mod:`directalign.report_heldout`);
 * before / after samples per held-out prompt, cut from ``samples/before.png`` and ``samples/after.png``;
 * the hacking indicators of :mod:`directalign.metrics` (saturation, brightness, colourfulness, high-frequency
   energy, diversity across seeds) measured on those samples, with a plain warning when one drifts beyond its
@@ -17,16 +20,15 @@ are inline SVG drawn here. It shows
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import math
 from datetime import datetime, timezone
 from pathlib import Path
 
 from .errors import UserError
-from .report_plots import nice_ticks, svg_line_plot  # noqa: F401  (nice_ticks re-exported)
+from .report_heldout import heldout_points, heldout_section
+from .report_plots import nice_ticks, png_data_uri, svg_line_plot  # noqa: F401  (re-exported)
 
 GRID_PAD = 2  # report_images.save_grid's layout: white padding, nearest upscaling, ncol = seeds x 4 (trainer)
 GRID_UPSCALE = 3
@@ -50,12 +52,6 @@ def method_metric_keys(records: list[dict]) -> list[str]:
 
 
 # -------------------------------------------------------------------------------------------------- images
-def png_data_uri(img) -> str:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", optimize=True)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
 def grid_tiles(grid, n: int, ncol: int, h: int, w: int, pad: int = GRID_PAD, upscale: int = GRID_UPSCALE):
     """Cut the ``n`` tiles (displayed size, PIL images) out of a grid written by ``report_images.save_grid``.
 
@@ -218,7 +214,7 @@ def render_report(run_dir: Path) -> str:
 
     from .config import load_config
     from .engine.config import ConfigError
-    from .logging_utils import read_metrics
+    from .logging_utils import read_heldout, read_metrics
     from .prompts import PromptError, load_prompts
 
     run_dir = Path(run_dir)
@@ -230,6 +226,7 @@ def render_report(run_dir: Path) -> str:
         cfg = None
     summary = _load_json(run_dir / "summary.json") or _load_json(run_dir / "summary_before.json")
     records = read_metrics(run_dir)
+    heldout = read_heldout(run_dir)
     name = html.escape(run_dir.resolve().name)
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
@@ -246,9 +243,12 @@ def render_report(run_dir: Path) -> str:
     body.append(_eval_section(summary))
 
     body.append("<h2>Training curves</h2>")
-    if records:
+    if records or heldout:
         steps = [r.get("step") for r in records]
-        plots = [svg_line_plot(steps, [r.get(key) for r in records], title) for key, title in CURVES]
+        points = heldout_points(heldout)
+        plots = [svg_line_plot(steps, [r.get(key) for r in records], title,
+                               points=points if key == "reward" else None, points_label="held-out reward")
+                 for key, title in CURVES]
         body.append('<div class="plots">' + "".join(plots) + "</div>")
         own = method_metric_keys(records)
         if own:
@@ -261,6 +261,9 @@ def render_report(run_dir: Path) -> str:
                         "gradient).</div>")
     else:
         body.append('<p class="muted">No metrics.jsonl records yet.</p>')
+    if heldout:
+        body.append("<h2>Held-out samples during training</h2>")
+        body.append(heldout_section(run_dir, heldout, cfg.run.sample_every if cfg is not None else None))
 
     # Samples and indicators
     prompts: list[str] = []

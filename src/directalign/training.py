@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from . import __version__, run_state
 from .adapters.loading import load_adapter
 from .config import Config, diff_from_defaults
 from .engine import checkpoint as ckpt
@@ -27,8 +27,9 @@ from .engine.rundir import RunDirLock, check_run_dir, prepare_run_dir
 from .errors import TrainingError
 from .eval.heldout import best_of_n, evaluate
 from .export import export_weights
-from .logging_utils import MetricsLogger
+from .logging_utils import MetricsLogger, check_loggers
 from .methods.registry import METHODS
+from .periodic_samples import HeldoutSamples
 from .prompts import load_prompts
 from .report import write_report
 from .report_images import save_grid
@@ -41,14 +42,23 @@ class RunResult:
     summary: dict
     adapter: object = None
     metrics: list[dict] = field(default_factory=list)
+    already_complete: bool = False  # --resume of a finished run: nothing was loaded or done
 
     def pipeline(self):
         """The fine-tuned diffusers pipeline (LoRA active or full weights), ready to generate."""
+        if self.adapter is None:
+            raise TrainingError(f"run {self.run_dir} was already complete, so nothing was loaded; open it with "
+                                f"directalign.load_run({str(self.run_dir)!r}).pipeline()")
         return self.adapter.pipe
 
 
 def identity(cfg: Config, adapter, world_size: int = 1) -> dict:
     """What a checkpoint must match to be resumed: the model and every setting that changes the trajectory."""
+    return {"model": ckpt.fingerprint(adapter.identity()), "config": config_fingerprint(cfg, world_size)}
+
+
+def config_fingerprint(cfg: Config, world_size: int = 1) -> str:
+    """The config half of :func:`identity` (needs no model, so a resume can be checked before anything loads)."""
     # Only settings that differ from the defaults count, so a new config field (with a default that keeps the old
     # behaviour) does not orphan older runs. Logging, checkpoint cadence, output paths, evaluation, the step budget,
     # where the model lives and which device runs it do not change the trajectory; the model digest covers weights.
@@ -58,7 +68,7 @@ def identity(cfg: Config, adapter, world_size: int = 1) -> dict:
     ignored_keys = {"train.steps", "model.path", "model.device", "train.distributed", "train.batch_size"}
     d = {k: v for k, v in diff_from_defaults(cfg).items() if not k.startswith(ignored) and k not in ignored_keys}
     d["global_batch"] = cfg.train.batch_size * world_size
-    return {"model": ckpt.fingerprint(adapter.identity()), "config": ckpt.fingerprint(d)}
+    return ckpt.fingerprint(d)
 
 
 def _check_resolution(cfg: Config, adapter) -> None:
@@ -76,9 +86,9 @@ def _evaluate_base(cfg: Config, adapter, reward, eval_prompts, run_dir: Path, lo
     before = evaluate(adapter, reward, cfg, eval_prompts, is_world)
     bo = best_of_n(adapter, reward, cfg, eval_prompts, cfg.eval.best_of) if cfg.eval.best_of > 1 else None
     save_grid(before.images, run_dir / "samples" / "before.png", ncol=len(cfg.eval.seeds) * 4)
-    (run_dir / "summary_before.json").write_text(json.dumps(
+    (run_dir / run_state.SUMMARY_BEFORE).write_text(json.dumps(
         {"reward_before": before.reward, f"reward_best_of_{cfg.eval.best_of}": bo, "judge_before": before.judge,
-         "eval_seconds": time.time() - t0}, indent=1))
+         "eval_seconds": time.time() - t0, "eval_before": run_state.base_eval_settings(cfg, eval_prompts)}, indent=1))
     log(f"base model: held-out reward {before.reward:.4f}"
         + (f", best-of-{cfg.eval.best_of} {bo:.4f}" if bo is not None else ""))
 
@@ -106,11 +116,24 @@ def _resume_from(cfg: Config, run_dir: Path, ids: dict, ft: FineTuning, log) -> 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False, max_steps_this_session: int | None = None,
           log=print) -> RunResult:
     """Run (or resume) a training job described by ``cfg``; returns the run directory and the summary."""
+    from . import preflight  # paths, device, resolution, run directory: all checked before anything loads
+    preflight.check(cfg, resume, overwrite)
     check_run_dir(cfg.run.output_dir, resume, overwrite)
+    check_loggers(cfg.run)  # e.g. run.wandb=true without wandb: one line before any model loads
     train_prompts = load_prompts(cfg.train.prompts)
     eval_prompts = load_prompts(cfg.eval.prompts)
     info = dist_utils.init_from_env(cfg.model.device)
     device = dist_utils.device_for(info, cfg.model.device) if info.enabled else resolve_device(cfg.model.device)
+    if cfg.model.dtype == "float16" and device.type == "cpu" and info.is_main:
+        # It trains (float32 master weights keep AdamW finite), but CPUs have no fast float16 arithmetic
+        log("note: model.dtype=float16 on the CPU computes 3-10x slower than float32 (measured on the tiny world) "
+            "and saves no time; model.dtype=float32 is faster there")
+    if resume:  # before any model loads: a finished run, a too-small train.steps, a changed config
+        point = run_state.resume_point(cfg, Path(cfg.run.output_dir), config_fingerprint(cfg, info.world_size))
+        if point.complete:
+            if info.is_main:
+                log(run_state.complete_message(Path(cfg.run.output_dir), point, cfg))
+            return RunResult(Path(cfg.run.output_dir), point.summary, already_complete=True)
     torch.manual_seed(cfg.train.seed)
     adapter = load_adapter(cfg.model, device, DTYPES[cfg.model.dtype])
     _check_resolution(cfg, adapter)
@@ -135,8 +158,14 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, max_steps_
 
 def _run(cfg, resume, max_steps_this_session, log, info, device, adapter, reward, method, run_dir,
          train_prompts, eval_prompts) -> RunResult:
-    # Evaluate the base model before any adapter is attached (the adapter's cache serves both).
-    if cfg.eval.before and info.is_main and not (resume and (run_dir / "summary_before.json").exists()):
+    # Evaluate the base model before any adapter is attached (the adapter's cache serves both). A resumed run keeps
+    # its recorded base evaluation only when it used the current eval settings (run_state.BaseEval).
+    base = run_state.BaseEval.read(cfg, run_dir, eval_prompts) if resume else None
+    if info.is_main and base is not None and base.record is not None and not base.matches:
+        log(f"the recorded base-model evaluation does not fit this session's eval settings ({base.change()}): "
+            + ("evaluating the base model again on the current ones" if cfg.eval.before else
+               "with eval.before=false the summary reports the base model as not measured"))
+    if cfg.eval.before and info.is_main and not (base is not None and base.matches):
         _evaluate_base(cfg, adapter, reward, eval_prompts, run_dir, log)
     dist_utils.barrier(info)
 
@@ -152,15 +181,19 @@ def _run(cfg, resume, max_steps_this_session, log, info, device, adapter, reward
 
     def checkpoint_state(step_done: int) -> dict:
         return dict(ids, data_position=list(sampler.position(step_done, 0)), version=__version__, world_size=world,
-                    distributed="fsdp" if ft.fsdp else "replicate" if info.enabled else "none")
+                    distributed="fsdp" if ft.fsdp else "replicate" if info.enabled else "none", train_steps=t.steps)
 
+    end = t.steps if max_steps_this_session is None else min(t.steps, start_step + max_steps_this_session)
+    metrics = MetricsLogger(run_dir, tensorboard=cfg.run.tensorboard, append=resume, resume_step=start_step,
+                            wandb_project=cfg.run.wandb_project if cfg.run.wandb else None,
+                            wandb_config=cfg.to_dict()) if info.is_main else None
+    samples = HeldoutSamples(cfg, adapter, reward, eval_prompts, run_dir, metrics, info.is_main)
     loop = StepLoop(train_cfg=t, run_cfg=cfg.run, method=method, ft=ft, sampler=sampler, device=device,
                     run_dir=run_dir, checkpoint_state=checkpoint_state, extra_metrics=reward.step_metrics, log=log,
-                    desc=cfg.method)
-    end = t.steps if max_steps_this_session is None else min(t.steps, start_step + max_steps_this_session)
-    metrics = MetricsLogger(run_dir, tensorboard=cfg.run.tensorboard, append=resume,
-                            resume_step=start_step) if info.is_main else None
+                    desc=cfg.method, after_step=samples)
     try:
+        if start_step == 0:
+            samples(0)  # the base model's point (run.sample_every > 0 only)
         done = loop.run(start_step, end, resume, metrics)
     finally:
         if metrics is not None:
@@ -183,9 +216,10 @@ def finish(cfg: Config, run_dir: Path, adapter, reward, eval_prompts, skipped: i
     after = evaluate(adapter, reward, cfg, eval_prompts, cfg.model.path == "tiny-world")
     save_grid(after.images, run_dir / "samples" / "after.png", ncol=len(cfg.eval.seeds) * 4)
     export_weights(cfg, adapter, run_dir / "export")
-    before_file = run_dir / "summary_before.json"
-    summary = json.loads(before_file.read_text()) if before_file.exists() else {}
+    base = run_state.BaseEval.read(cfg, run_dir, eval_prompts)  # base numbers only from the same prompts, seeds
+    summary = dict(base.record) if base.matches else {"before_not_measured": base.not_measured_reason(cfg.eval.before)}
     summary.update({
+        "step": cfg.train.steps,
         "reward_after": after.reward,
         "judge_after": after.judge,
         "skipped_steps": skipped,
@@ -193,7 +227,7 @@ def finish(cfg: Config, run_dir: Path, adapter, reward, eval_prompts, skipped: i
         "eval_seeds": cfg.eval.seeds,
         "reward_definition": "training reward on held-out prompts (see directalign.eval.heldout)",
     })
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    (run_dir / run_state.SUMMARY).write_text(json.dumps(summary, indent=1))
     if cfg.run.report:
         summary["report"] = str(write_report(run_dir))
     return summary

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import math
-import pickle
 from collections import OrderedDict
 
 import numpy as np
@@ -35,6 +34,7 @@ from directalign.rewards.aesthetic import AestheticMLP, LaionAestheticReward
 from directalign.rewards.clip_score import ClipScoreReward
 from directalign.rewards.hps import (ConversionError, HPSv2Reward, convert_openclip_state_dict,
                                      load_openclip_state_dict)
+from directalign.rewards.loading import WeightsFileError
 from directalign.rewards.imagereward import IMAGEREWARD_MEAN, IMAGEREWARD_STD, ImageRewardReward
 from directalign.rewards.pickscore import PickScoreReward
 from directalign.rewards.relative import semantic_relative_reward
@@ -394,7 +394,7 @@ def test_openclip_checkpoints_are_loaded_without_unpickling_code(tmp_path):
     path = tmp_path / "evil.pt"
     with open(path, "wb") as f:
         torch.save({"state_dict": {"logit_scale": torch.ones(())}, "extra": Payload()}, f)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(WeightsFileError, match="evil.pt.*pickled Python objects.*refused, nothing in it ran"):
         load_openclip_state_dict(path)
 
 
@@ -795,5 +795,6 @@ def test_a_reward_directory_without_its_weights_is_refused(clip_dir, tmp_path):
               metadata={"format": "pt"})
     with pytest.raises(ValueError, match="does not hold the weights a CLIPModel needs"):
         PickScoreReward.from_pretrained(partial)
+    torch.save(AestheticMLP(16).state_dict(), tmp_path / "head.pth")  # the head loads first: a valid one
     with pytest.raises(ValueError, match="does not hold the weights"):
-        LaionAestheticReward.from_pretrained(tmp_path / "unused.pth", partial)
+        LaionAestheticReward.from_pretrained(tmp_path / "head.pth", partial)

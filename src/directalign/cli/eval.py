@@ -1,8 +1,12 @@
 """``directalign sample | eval | compare | report``: generate, score and compare models and runs.
 
-Models (``--model``, or the positional arguments of ``compare``): ``tiny-world``; ``base`` (the base model of the
-settings config); a run directory (its base model with its exported LoRA or transformer); an exported transformer or
-LoRA directory (applied to ``--base``); a diffusers pipeline directory or hub id (see :mod:`directalign.eval.models`).
+Models (``--model``, or the positional ``MODEL`` arguments of ``compare``): ``tiny-world``; ``base`` (the base model
+of the settings config); a run directory (its base model with its exported LoRA or transformer); an exported
+transformer or LoRA directory (applied to ``--base``); a diffusers pipeline directory or hub id (see
+:mod:`directalign.eval.models`).
+
+Output: ``--out``, else a new ``outputs/<command>-<model>-<date>-<time>/`` under the current directory (``outputs/``
+is git-ignored); the command prints where it wrote. Progress bars go to stderr (``--no-progress`` hides them).
 
 Settings (prompts, seeds, steps, guidance, shift, resolution and the run's training reward) come from ``--config``,
 else from the run's own ``config.yaml`` when the model is a run directory, else from the shipped ``tiny-srpo``
@@ -31,6 +35,7 @@ import textwrap
 from pathlib import Path
 
 from ..eval.scoring import GENERAL_RELATIVE_WORDS, TINY_RELATIVE_WORDS, reward_spec_help
+from ..progress import add_progress_flag
 
 if __doc__:  # (None under python -OO)
     __doc__ = __doc__.format(reward_specs=textwrap.fill(reward_spec_help(), 116, initial_indent="    ",
@@ -40,12 +45,12 @@ if __doc__:  # (None under python -OO)
 
 
 def cmd_sample(args, log=print) -> int:
-    from ..eval.heldout import eval_slots
+    from ..eval.heldout import eval_slots, generate_slots, sampling_steps
     from ..eval.images import save_images
     from ..eval.models import load_model, resolve_model
-    from ..eval.output import prepare_out_dir
+    from ..eval.output import check_out_dir, default_out_dir, prepare_out_dir
     from ..eval.settings import flag_overrides, settings_config
-    from ..methods.sampling import generate
+    from ..progress import bar
     from ..prompts import load_prompts
     from ..report_images import save_grid
 
@@ -54,12 +59,14 @@ def cmd_sample(args, log=print) -> int:
     if args.config is not None:
         ref = resolve_model(args.model, cfg, args.base)
     prompts = load_prompts(cfg.eval.prompts)
-    out = prepare_out_dir(Path(args.out or f"samples/{ref.label}"), args.overwrite, "manifest.jsonl")
+    out = check_out_dir(Path(args.out) if args.out else default_out_dir("sample", ref.label), args.overwrite,
+                        "manifest.jsonl")
     adapter = load_model(ref, cfg)
     slot_prompts, slot_seeds = eval_slots(prompts, cfg.eval.seeds)
-    m = cfg.model
-    images = generate(adapter, slot_prompts, slot_seeds, cfg.eval.steps, cfg.sampling.shift, cfg.eval.guidance,
-                      m.height, m.width, cfg.eval.batch_size)
+    with bar(sampling_steps(len(slot_prompts), cfg), f"{ref.label}: sampling", cfg.run.progress, unit="step",
+             postfix=f"{len(slot_prompts)} images") as b:
+        images = generate_slots(adapter, slot_prompts, slot_seeds, cfg, b)
+    prepare_out_dir(out, args.overwrite, "manifest.jsonl")
     save_images(images, slot_prompts, slot_seeds, cfg, ref, out)
     save_grid(images, out / "grid.png", ncol=len(cfg.eval.seeds) * max(1, 8 // len(cfg.eval.seeds)))
     log(f"wrote {len(slot_prompts)} images and manifest.jsonl to {out}")
@@ -77,7 +84,7 @@ def cmd_eval(args, log=print) -> int:
     )
     from ..eval.images import load_image_folder, save_images
     from ..eval.models import resolve_model
-    from ..eval.output import prepare_out_dir
+    from ..eval.output import check_out_dir, default_out_dir, prepare_out_dir
     from ..eval.scoring import load_rewards, requested_rewards, training_reward_model
     from ..eval.settings import flag_overrides, settings_config
 
@@ -91,23 +98,24 @@ def cmd_eval(args, log=print) -> int:
         world_images = all(r.get("base") == "tiny-world" for r in records)
         if args.config is None and (ref is None or ref.cfg is None) and not world_images:
             trained = False  # nothing defines a training reward for these images
-        default_out = f"eval/{folder.resolve().name}"
+        name = folder.resolve().name
     else:
         ref = resolve_model(args.model, None, args.base)
         cfg, trained = settings_config(args.config, [ref], flag_overrides(args))
         if args.config is not None:
             ref = resolve_model(args.model, cfg, args.base)
         images = records = None
-        default_out = f"eval/{ref.label}"
-    out = Path(args.out or default_out)
+        name = ref.label
+    out = Path(args.out) if args.out else default_out_dir("eval", name)
     if images is not None and Path(args.images).resolve().is_relative_to(out.resolve()):
         raise EvalError(f"--images {args.images!r} lies inside --out {str(out)!r}; write the scores elsewhere")
-    prepare_out_dir(out, args.overwrite, "aggregate.json")
+    check_out_dir(out, args.overwrite, "aggregate.json")
     specs = requested_rewards(args.rewards, trained)
     train_model = training_reward_model(cfg) if trained else None
     rewards = load_rewards(specs, cfg, trained, args.relative_words, train_model)
     result = evaluate_model(ref, cfg, trained, rewards, images=images, records=records, train_model=train_model,
                             log=log)
+    prepare_out_dir(out, args.overwrite, "aggregate.json")
     if images is not None:
         result.aggregate["settings"] = {"images": str(Path(args.images).resolve())}
     if args.baseline:
@@ -128,12 +136,14 @@ def cmd_compare(args, log=print) -> int:
     from ..eval.compare import format_table, unique_labels, write_comparison
     from ..eval.evaluate import evaluate_model
     from ..eval.models import resolve_model
-    from ..eval.output import prepare_out_dir
+    from ..eval.output import check_out_dir, default_out_dir, prepare_out_dir
     from ..eval.scoring import load_rewards, requested_rewards, training_reward_model
     from ..eval.settings import flag_overrides, settings_config
 
     if len(args.models) < 2:
-        raise EvalError("compare needs at least two models, runs or eval directories")
+        raise EvalError("compare needs at least two MODEL arguments (models, runs or eval output directories); "
+                        "e.g. directalign compare base runs/srpo-tiny")
+    named = {"arg": "compare MODEL", "eval_dirs": True}  # how errors name a positional argument
     order: list = []  # per model: a ModelRef to evaluate, or (label, aggregate) of an eval output directory
     for spec in args.models:
         p = Path(spec)
@@ -141,13 +151,13 @@ def cmd_compare(args, log=print) -> int:
             agg = json.loads((p / "aggregate.json").read_text())
             order.append((agg.get("label") or p.name, agg))
         else:
-            order.append(resolve_model(spec, None, args.base))
-    out = prepare_out_dir(Path(args.out or "compare"), args.overwrite, "compare.json")
+            order.append(resolve_model(spec, None, args.base, **named))
+    out = check_out_dir(Path(args.out) if args.out else default_out_dir("compare"), args.overwrite, "compare.json")
     pending = [item for item in order if not isinstance(item, tuple)]
     cfg = trained = rewards = train_model = None
     if pending:
         cfg, trained = settings_config(args.config, pending, flag_overrides(args))
-        pending = [resolve_model(r.spec, cfg, args.base) for r in pending]  # again, with the settings' base model
+        pending = [resolve_model(r.spec, cfg, args.base, **named) for r in pending]  # again, with the settings' base
         train_model = training_reward_model(cfg) if trained else None
         rewards = load_rewards(requested_rewards(args.rewards, trained), cfg, trained, args.relative_words,
                                train_model)
@@ -161,7 +171,7 @@ def cmd_compare(args, log=print) -> int:
             evals.append((ref.label, evaluate_model(ref, cfg, trained, rewards, train_model=train_model,
                                                     log=log).aggregate))
     evals = list(zip(unique_labels([label for label, _ in evals]), [agg for _, agg in evals]))
-    cols, rows, warnings = write_comparison(evals, out)
+    cols, rows, warnings = write_comparison(evals, prepare_out_dir(out, args.overwrite, "compare.json"))
     log(format_table(cols, rows))
     for label, ws in warnings.items():
         for wmsg in ws:
@@ -192,8 +202,9 @@ def _add_settings(p, config_help: str) -> None:
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--base", help="base model for a bare transformer or LoRA directory (default: the config's "
                                   "model.path, else tiny-world)")
-    p.add_argument("--out", help="output directory")
+    p.add_argument("--out", help="output directory (default: a new outputs/<command>-<name>-<time>/)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory of this command")
+    add_progress_flag(p)
 
 
 def _add_rewards(p) -> None:
@@ -224,7 +235,9 @@ def add_parsers(sub) -> None:
     _add_rewards(e)
     e.set_defaults(run=cmd_eval)
     c = sub.add_parser("compare", help="side-by-side table of several models, runs or eval directories", **fmt)
-    c.add_argument("models", nargs="+", help="models, runs or eval output directories (the first is the reference)")
+    c.add_argument("models", nargs="+", metavar="MODEL",
+                   help="a model (base | tiny-world | run dir | exported or pipeline dir) or an eval output directory; "
+                        "give two or more, the first is the reference")
     _add_settings(c, cfg_help)
     _add_rewards(c)
     c.set_defaults(run=cmd_compare)

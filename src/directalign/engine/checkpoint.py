@@ -23,7 +23,8 @@ Crash safety, whatever moment a process dies at:
 * a failed write (disk full, permissions) raises :class:`CheckpointError` and leaves the previous checkpoints as
   they were.
 
-Only finite weights are saved: a non-finite tensor aborts the save with an error and keeps the previous checkpoint.
+Only finite weights are saved: a non-finite tensor aborts the save with an error that says whether an earlier
+checkpoint exists (it is kept).
 """
 
 from __future__ import annotations
@@ -99,10 +100,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _check_finite(tensors: dict[str, torch.Tensor]) -> None:
+def _check_finite(tensors: dict[str, torch.Tensor], root: Path) -> None:
     for name, t in tensors.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
-            raise CheckpointError(f"refusing to save non-finite weights ({name}); the previous checkpoint is kept")
+            previous = latest_checkpoint(root)
+            kept = (f"the previous checkpoint {previous.name} is kept" if previous is not None else
+                    "no checkpoint of this run exists yet, so none is kept")
+            raise CheckpointError(f"refusing to save non-finite weights ({name}): training diverged; {kept}; lower "
+                                  "train.learning_rate and start the run again")
 
 
 def _remove(path: Path) -> None:
@@ -196,10 +201,10 @@ def save_checkpoint(root: Path, step: int, trainable: dict[str, torch.Tensor], o
     ``optimizer.state_dict()``)."""
     root = Path(root)
     trainable = {k: v.detach().contiguous().cpu() for k, v in trainable.items()}
-    _check_finite(trainable)
+    _check_finite(trainable, root)
     ema_cpu = {k: v.detach().contiguous().cpu() for k, v in ema.items()} if ema is not None else None
     if ema_cpu is not None:
-        _check_finite(ema_cpu)  # before the temporary directory exists, so a refusal leaves nothing behind
+        _check_finite(ema_cpu, root)  # before the temporary directory exists, so a refusal leaves nothing behind
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
     try:

@@ -169,10 +169,17 @@ class RunConfig:
     log_every: int = 1
     progress: bool = True
     tensorboard: bool = False
+    wandb: bool = False  # Weights & Biases (needs `pip install wandb`; WANDB_MODE=offline / disabled is respected)
+    wandb_project: str = "directalign"
+    sample_every: int = 0  # > 0: a held-out sample grid and reward point every N steps (samples/, heldout.jsonl)
     report: bool = True
 
     def validate(self) -> None:
         need(self.checkpoint_every >= 0, f"run.checkpoint_every: must be >= 0, got {self.checkpoint_every}")
+        need(self.sample_every >= 0, f"run.sample_every: must be >= 0 (0: no samples during training), got "
+                                     f"{self.sample_every}")
+        need(bool(self.wandb_project.strip()) or not self.wandb,
+             "run.wandb_project: empty; give a Weights & Biases project name or set run.wandb=false")
         need(self.keep_checkpoints >= 1, f"run.keep_checkpoints: must be >= 1, got {self.keep_checkpoints}")
         need(self.log_every >= 1, f"run.log_every: must be >= 1, got {self.log_every}")
         need(bool(self.output_dir), "run.output_dir: empty; give a directory for the run")

@@ -167,6 +167,10 @@ def parse_override(text: str) -> dict:
 
 def load_yaml(path: str | Path) -> dict:
     p = Path(path)
+    if p.is_dir():
+        inside = next((p / n for n in ("config.yaml", "config.yml") if (p / n).is_file()), None)
+        raise ConfigError(f"config file {str(p)!r} is a directory; pass a YAML file to --config"
+                          + (f" (this one holds {str(inside)!r})" if inside else ""))
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist; pass an existing YAML file to --config")
     try:

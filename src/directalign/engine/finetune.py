@@ -20,12 +20,32 @@ from . import precision
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+DEVICE_NAMES = "cpu | cuda | cuda:N | auto | mps"
+
+
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
+    """``model.device`` as a torch device: ``auto`` (CUDA when available, else the CPU), ``cpu``, ``cuda``,
+    ``cuda:N`` or ``mps``; anything else, or a device this machine does not have, is a one-line TrainingError."""
+    import re
+
+    match = re.fullmatch(r"(auto|cpu|mps|cuda)(?::(\d+))?", name.strip())
+    if match is None or (match.group(2) is not None and match.group(1) != "cuda"):
+        raise TrainingError(f"model.device={name!r} is not a device directalign can use; choose one of "
+                            f"{DEVICE_NAMES}")
+    kind, index = match.group(1), match.group(2)
+    if kind == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainingError(f"model.device={name!r} but no CUDA device is available; use model.device=cpu")
-    return torch.device(name)
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainingError(f"model.device={name!r} but no CUDA device is available; use model.device=cpu")
+        count = torch.cuda.device_count()
+        if index is not None and int(index) >= count:
+            raise TrainingError(f"model.device={name!r} but this machine has {count} CUDA device(s); use "
+                                f"model.device=cuda:0 .. cuda:{count - 1}")
+    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise TrainingError(f"model.device={name!r} but no MPS (Apple GPU) device is available; use "
+                            "model.device=cpu")
+    return torch.device(name.strip())
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):

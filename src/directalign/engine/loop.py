@@ -6,7 +6,6 @@ a :class:`StepOutput`.
 from __future__ import annotations
 
 import math
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,11 +47,13 @@ class StepLoop:
 
     def __init__(self, *, train_cfg, run_cfg, method, ft: FineTuning, sampler: PromptSampler, device,
                  run_dir: Path, checkpoint_state: Callable[[int], dict], extra_metrics: Callable[[], dict],
-                 log=print, desc: str = "train"):
+                 log=print, desc: str = "train", after_step: Callable[[int], None] | None = None):
+        """``after_step(step_done)``: called on every rank after each step is logged and before its checkpoint
+        (training uses it for the held-out samples of ``run.sample_every``); it must not touch the trainable state."""
         self.t, self.run_cfg, self.method, self.ft = train_cfg, run_cfg, method, ft
         self.sampler, self.device, self.run_dir = sampler, device, Path(run_dir)
         self.checkpoint_state, self.extra_metrics, self.log, self.desc = checkpoint_state, extra_metrics, log, desc
-        self.info = ft.info
+        self.info, self.after_step = ft.info, after_step
         self._last_saved: int | None = None
 
     # ------------------------------------------------------------------------------------------------ pieces
@@ -117,13 +118,14 @@ class StepLoop:
                     progress.update(1)
                     progress.set_postfix(loss=f"{out.loss:.4f}", reward=f"{out.reward:.4f}",
                                          s_step=f"{record['step_seconds']:.2f}")
+                if self.after_step is not None:
+                    self.after_step(step)
                 if self.run_cfg.checkpoint_every and step % self.run_cfg.checkpoint_every == 0 and step < end:
                     self.save(step)
                 if stop.signal is not None:
                     self.save(step)  # no-op when this step was just checkpointed
-                    if info.is_main:
-                        self.log(f"stopped by {signal.Signals(stop.signal).name} after step {step}; checkpoint "
-                                 "written. Continue with --resume")
+                    # The exception carries the one message ("stopped by SIGINT after step N; ..."): the CLI prints
+                    # it once, after the progress bar below is closed, so it starts a line of its own.
                     raise StoppedBySignal(stop.signal, step)
             self.save(step)
         finally:

@@ -16,7 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import metrics as M
-from .heldout import eval_slots, evaluate, score_in_chunks
+from ..progress import bar
+from .heldout import (
+    eval_slots,
+    evaluate,
+    generate_slots,
+    sampling_steps,
+    score_in_chunks,
+)
 from .models import ModelRef, load_model, resolve_model
 from .output import format_value, write_json, write_records_csv
 from .scoring import RewardSpec, score_images, training_reward_model
@@ -40,8 +47,7 @@ def _judge_applicable(prompts: list[str]) -> bool:
 def evaluate_model(ref: ModelRef | None, cfg, trained: bool, rewards: list[RewardSpec], *, images=None,
                    records=None, train_model=None, log=print) -> ModelEval:
     """Generate (or take ``images`` with their manifest ``records``), score with every reward, compute indicators
-    and judge rates."""
-    from ..methods.sampling import generate
+    and judge rates; progress bars (generation, scoring) unless ``cfg.run.progress`` is false."""
     from ..prompts import load_prompts
 
     train_rewards = None
@@ -54,20 +60,21 @@ def evaluate_model(ref: ModelRef | None, cfg, trained: bool, rewards: list[Rewar
         log(f"{ref.label}: generating {len(prompts) * len(cfg.eval.seeds)} images "
             f"({len(prompts)} prompts x {len(cfg.eval.seeds)} seeds, {cfg.eval.steps} steps)")
         if trained:
-            result = evaluate(adapter, train_model, cfg, prompts, ref.is_world)
+            result = evaluate(adapter, train_model, cfg, prompts, ref.is_world, desc=f"{ref.label}: generating")
             images, slot_prompts, slot_seeds = result.images, result.prompts, result.seeds
             train_rewards, judge = result.rewards, result.judge
         else:
             slot_prompts, slot_seeds = eval_slots(prompts, cfg.eval.seeds)
-            m = cfg.model
-            images = generate(adapter, slot_prompts, slot_seeds, cfg.eval.steps, cfg.sampling.shift,
-                              cfg.eval.guidance, m.height, m.width, cfg.eval.batch_size)
+            with bar(sampling_steps(len(slot_prompts), cfg), f"{ref.label}: generating", cfg.run.progress,
+                     unit="step", postfix=f"{len(slot_prompts)} images") as b:
+                images = generate_slots(adapter, slot_prompts, slot_seeds, cfg, b)
         del adapter
     else:
         slot_prompts = [r["prompt"] for r in records]
         slot_seeds = [r.get("seed") for r in records]
         if trained:
-            train_rewards = score_in_chunks(train_model, images, slot_prompts, cfg)
+            with bar(len(slot_prompts), "training reward", cfg.run.progress, unit="img") as b:
+                train_rewards = score_in_chunks(train_model, images, slot_prompts, cfg, progress=b)
     if judge is None and _judge_applicable(slot_prompts) and images.shape[-1] == 32 and images.shape[-2] == 32:
         from ..world.judge import attribute_rates
 
@@ -79,12 +86,15 @@ def evaluate_model(ref: ModelRef | None, cfg, trained: bool, rewards: list[Rewar
     if train_rewards is not None:
         columns["train_reward"] = train_rewards.tolist()
     diversity: dict = {"pixel": M.diversity(images, slot_prompts)}
-    for spec in rewards:
-        s = score_images(spec, images, slot_prompts)
-        columns[f"{spec.name}.score"] = s["score"].tolist()
-        columns[f"{spec.name}.relative"] = s["relative"].tolist()
-        if s["embedding"].shape[1]:
-            diversity[f"{spec.name}.embedding"] = M.diversity(None, slot_prompts, embeddings=s["embedding"])
+    with bar(len(rewards) * n, "scoring", cfg.run.progress and bool(rewards), unit="img") as b:
+        for spec in rewards:
+            b.set_postfix_str(spec.name)
+            s = score_images(spec, images, slot_prompts)
+            columns[f"{spec.name}.score"] = s["score"].tolist()
+            columns[f"{spec.name}.relative"] = s["relative"].tolist()
+            if s["embedding"].shape[1]:
+                diversity[f"{spec.name}.embedding"] = M.diversity(None, slot_prompts, embeddings=s["embedding"])
+            b.update(n)
     for key, values in M.image_indicators(images).items():
         columns[key] = values.tolist()
     for key, values in columns.items():
@@ -131,7 +141,7 @@ def baseline_aggregate(spec: str, cfg, trained: bool, rewards: list[RewardSpec],
     p = Path(spec)
     if (p / "aggregate.json").is_file():
         return json.loads((p / "aggregate.json").read_text())
-    ref = resolve_model(spec, cfg)
+    ref = resolve_model(spec, cfg, arg="--baseline", eval_dirs=True)
     res = evaluate_model(ref, cfg, trained, rewards, train_model=train_model, log=log)
     bdir = out / "baseline"
     bdir.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ Direct-Align the absolute score. Training calls :func:`evaluate` before and afte
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -49,10 +50,15 @@ def training_reward(reward, images: torch.Tensor, prompts: list[str], cfg) -> to
     return total / len(pairs)
 
 
-def score_in_chunks(reward, images, prompts, cfg, chunk: int = 256) -> torch.Tensor:
-    """:func:`training_reward` of many images, ``chunk`` at a time (N,)."""
-    return torch.cat([training_reward(reward, images[i : i + chunk], prompts[i : i + chunk], cfg)
-                      for i in range(0, len(prompts), chunk)])
+def score_in_chunks(reward, images, prompts, cfg, chunk: int = 256, progress=None) -> torch.Tensor:
+    """:func:`training_reward` of many images, ``chunk`` at a time (N,); ``progress`` (a tqdm bar or None) advances
+    by each chunk's images."""
+    out = []
+    for i in range(0, len(prompts), chunk):
+        out.append(training_reward(reward, images[i : i + chunk], prompts[i : i + chunk], cfg))
+        if progress is not None:
+            progress.update(len(out[-1]))
+    return torch.cat(out)
 
 
 def eval_slots(prompts: list[str], seeds: list[int]) -> tuple[list[str], list[int]]:
@@ -60,14 +66,33 @@ def eval_slots(prompts: list[str], seeds: list[int]) -> tuple[list[str], list[in
     return [p for p in prompts for _ in seeds], [s for _ in prompts for s in seeds]
 
 
-def evaluate(adapter, reward, cfg, prompts: list[str], judge_world: bool) -> EvalResult:
-    """Generate every (prompt, seed) slot of ``cfg.eval`` and score it with the run's reward (plus the tiny world's
-    judge rates when ``judge_world``)."""
+def sampling_steps(n_images: int, cfg) -> int:
+    """How many sampling steps :func:`generate_slots` takes for ``n_images`` (the span of its progress bar)."""
+    return math.ceil(n_images / cfg.eval.batch_size) * cfg.eval.steps
+
+
+def generate_slots(adapter, prompts: list[str], seeds: list[int], cfg, progress=None) -> torch.Tensor:
+    """:func:`directalign.methods.sampling.generate` of every (prompt, seed) slot with ``cfg.eval``'s settings;
+    ``progress`` (a tqdm bar, or None) advances by one per sampling step of each batch."""
     e, m = cfg.eval, cfg.model
-    slot_prompts, slot_seeds = eval_slots(prompts, e.seeds)
-    images = generate(adapter, slot_prompts, slot_seeds, e.steps, cfg.sampling.shift, e.guidance, m.height, m.width,
-                      e.batch_size)
-    rewards = score_in_chunks(reward, images, slot_prompts, cfg)
+    on_step = None if progress is None else (lambda: progress.update(1))
+    return generate(adapter, prompts, seeds, e.steps, cfg.sampling.shift, e.guidance, m.height, m.width,
+                    e.batch_size, on_step=on_step)
+
+
+def evaluate(adapter, reward, cfg, prompts: list[str], judge_world: bool, desc: str = "held-out eval",
+             progress: bool | None = None) -> EvalResult:
+    """Generate every (prompt, seed) slot of ``cfg.eval`` and score it with the run's reward (plus the tiny world's
+    judge rates when ``judge_world``), with a progress bar (``desc``) unless ``progress`` (default
+    ``cfg.run.progress``) is false."""
+    from ..progress import bar
+
+    slot_prompts, slot_seeds = eval_slots(prompts, cfg.eval.seeds)
+    show = cfg.run.progress if progress is None else progress
+    n = len(slot_prompts)
+    with bar(sampling_steps(n, cfg), desc, show, unit="step", postfix=f"{n} images") as b:
+        images = generate_slots(adapter, slot_prompts, slot_seeds, cfg, b)
+        rewards = score_in_chunks(reward, images, slot_prompts, cfg)
     judge = None
     if judge_world:
         from ..world.judge import attribute_rates
@@ -76,15 +101,20 @@ def evaluate(adapter, reward, cfg, prompts: list[str], judge_world: bool) -> Eva
     return EvalResult(float(rewards.mean()), rewards, images, slot_prompts, slot_seeds, judge)
 
 
-def best_of_n(adapter, reward, cfg, prompts: list[str], n: int) -> float:
-    """Mean over (prompt, seed) slots of the best reward among n samples; sample 0 uses the slot's own seed."""
-    e, m = cfg.eval, cfg.model
-    slot_prompts, slot_seeds = eval_slots(prompts, e.seeds)
+def best_of_n(adapter, reward, cfg, prompts: list[str], n: int, progress: bool | None = None) -> float:
+    """Mean over (prompt, seed) slots of the best reward among n samples; sample 0 uses the slot's own seed. A
+    progress bar over the sampling steps of all n rounds unless ``progress`` (default ``cfg.run.progress``) is
+    false."""
+    from ..progress import bar
+
+    slot_prompts, slot_seeds = eval_slots(prompts, cfg.eval.seeds)
+    show = cfg.run.progress if progress is None else progress
     best = None
-    for j in range(n):
-        seeds = [s + 100_003 * j for s in slot_seeds]
-        images = generate(adapter, slot_prompts, seeds, e.steps, cfg.sampling.shift, e.guidance, m.height, m.width,
-                          e.batch_size)
-        r = score_in_chunks(reward, images, slot_prompts, cfg)
-        best = r if best is None else torch.maximum(best, r)
+    with bar(n * sampling_steps(len(slot_prompts), cfg), f"best-of-{n}", show, unit="step",
+             postfix=f"{n} x {len(slot_prompts)} images") as b:
+        for j in range(n):
+            seeds = [s + 100_003 * j for s in slot_seeds]
+            images = generate_slots(adapter, slot_prompts, seeds, cfg, b)
+            r = score_in_chunks(reward, images, slot_prompts, cfg)
+            best = r if best is None else torch.maximum(best, r)
     return float(best.mean())

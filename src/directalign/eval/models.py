@@ -48,9 +48,14 @@ def _is_transformer_dir(p: Path) -> bool:
         return False
 
 
-def resolve_model(spec: str, settings_cfg=None, base: str | None = None) -> ModelRef:
-    """What ``spec`` names (nothing is loaded). ``base`` is the base for bare transformer / LoRA directories."""
+def resolve_model(spec: str, settings_cfg=None, base: str | None = None, arg: str = "--model",
+                  eval_dirs: bool = False) -> ModelRef:
+    """What ``spec`` names (nothing is loaded). ``base`` is the base for bare transformer / LoRA directories.
+    Errors name ``spec`` as the argument ``arg`` the user gave it with (``--model``, ``--baseline``, a positional
+    ``MODEL`` of ``compare``) and, with ``eval_dirs``, list eval output directories among what it may be."""
     from ..config import load_config
+
+    also = ", an eval output directory (aggregate.json)" if eval_dirs else ""
 
     if spec == "tiny-world":
         return ModelRef(spec, "tiny-world", "tiny-world", "tiny-world")
@@ -73,13 +78,13 @@ def resolve_model(spec: str, settings_cfg=None, base: str | None = None) -> Mode
             return ModelRef(spec, "transformer", label, b, str(p.resolve()))
         if any(p.glob("*lora*.safetensors")):
             return ModelRef(spec, "lora", label, b, str(p.resolve()))
-        raise EvalError(f"--model {spec!r} is not a run directory (config.yaml), a diffusers pipeline "
-                        "(model_index.json), an exported transformer (config.json) or a LoRA directory")
+        raise EvalError(f"{arg} {spec!r} is not a run directory (config.yaml), a diffusers pipeline "
+                        f"(model_index.json), an exported transformer (config.json){also} or a LoRA directory")
     if p.exists():
-        raise EvalError(f"--model {spec!r} is a file; give a run directory, a model directory, 'base' or "
+        raise EvalError(f"{arg} {spec!r} is a file; give a run directory, a model directory{also}, 'base' or "
                         "'tiny-world'")
     if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
-        raise EvalError(f"--model {spec!r} does not exist; give a run directory, a model directory, 'base' or "
+        raise EvalError(f"{arg} {spec!r} does not exist; give a run directory, a model directory{also}, 'base' or "
                         "'tiny-world'")
     return ModelRef(spec, "pipeline", spec.split("/")[-1], spec, spec)  # a hub id
 

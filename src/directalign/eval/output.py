@@ -50,9 +50,27 @@ def write_table_csv(path: Path, columns: list[str], rows: list[list]) -> None:
             w.writerow(["" if v is None else v for v in json_safe(r)])
 
 
-def prepare_out_dir(out: Path, overwrite: bool, marker: str) -> Path:
-    """``out`` as an empty directory. An existing non-empty one is replaced only with ``overwrite`` and only when it
-    holds ``marker`` (the file this command writes), so --overwrite never deletes an unrelated directory."""
+OUTPUTS = Path("outputs")  # where sample / eval / compare / world demo / world gates write by default (git-ignored)
+
+
+def default_out_dir(command: str, name: str = "") -> Path:
+    """``outputs/<command>[-<name>]-<YYYYmmdd-HHMMSS>`` (relative to the current directory), numbered ``-2``,
+    ``-3``, ... when that exists already: a command's default output never lands in the current directory itself,
+    never replaces an earlier one, and stays out of git (``outputs/`` is in .gitignore)."""
+    import re
+    import time
+
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") if name else ""
+    stem = "-".join(x for x in (command, safe, time.strftime("%Y%m%d-%H%M%S")) if x)
+    out, i = OUTPUTS / stem, 2
+    while out.exists():
+        out, i = OUTPUTS / f"{stem}-{i}", i + 1
+    return out
+
+
+def check_out_dir(out: Path, overwrite: bool, marker: str) -> Path:
+    """Refuse ``out`` unless :func:`prepare_out_dir` may use it; touches nothing, so a command checks its output
+    directory before its long work and creates it only when it has something to write."""
     if out.exists() and not out.is_dir():
         raise EvalError(f"--out {str(out)!r} is a file; give a directory")
     if out.is_dir() and any(out.iterdir()):
@@ -60,6 +78,14 @@ def prepare_out_dir(out: Path, overwrite: bool, marker: str) -> Path:
             raise EvalError(f"--out {str(out)!r} already exists and is not empty; pass --overwrite or another --out")
         if not (out / marker).exists():
             raise EvalError(f"--out {str(out)!r} holds other files (no {marker}); refusing to overwrite it")
+    return out
+
+
+def prepare_out_dir(out: Path, overwrite: bool, marker: str) -> Path:
+    """``out`` as an empty directory. An existing non-empty one is replaced only with ``overwrite`` and only when it
+    holds ``marker`` (the file this command writes), so --overwrite never deletes an unrelated directory."""
+    check_out_dir(out, overwrite, marker)
+    if out.is_dir() and any(out.iterdir()):
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return out

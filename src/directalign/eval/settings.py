@@ -20,8 +20,12 @@ FLAG_KEYS = {
 
 
 def flag_overrides(args) -> dict:
-    """``{config key: value}`` of the settings flags in ``args`` (None where a flag was not given)."""
-    return {key: getattr(args, dest, None) for dest, key in FLAG_KEYS.items()}
+    """``{config key: value}`` of the settings flags in ``args`` (None where a flag was not given), plus
+    ``run.progress``: these commands show progress bars unless ``--no-progress``, whatever the settings config
+    (often a run's own config.yaml) says about its training's bars."""
+    out = {key: getattr(args, dest, None) for dest, key in FLAG_KEYS.items()}
+    out["run.progress"] = not getattr(args, "no_progress", False)
+    return out
 
 
 def settings_config(config: str | None, refs: list[ModelRef], overrides: dict):

@@ -52,14 +52,12 @@ class AestheticMLP(nn.Module):
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from ``.safetensors`` or a torch file read with ``weights_only=True`` (no pickled code)."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """A state dict from ``.safetensors`` or a torch file read with ``weights_only=True`` (no pickled code), through
+    the one guarded reader (:func:`directalign.rewards.loading.load_weights_file`: one-line errors)."""
+    from .loading import load_weights_file
 
-        return load_file(str(path))
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+    obj = load_weights_file(path)
+    if isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     return {k: v for k, v in obj.items() if torch.is_tensor(v)}
 
@@ -101,13 +99,13 @@ class LaionAestheticReward(Reward):
 
         from .loading import hf_dtype, load_checked
 
+        head = load_head(head_path).to(dtype)  # first: a bad head file fails before the large backbone loads
         config = AutoConfig.from_pretrained(clip_path)
         if hasattr(config, "vision_config"):  # a full CLIPModel checkpoint: keep its projection width
             projection_dim = config.projection_dim
             config = config.vision_config
             config.projection_dim = projection_dim
         vision = load_checked(CLIPVisionModelWithProjection, clip_path, config=config, **hf_dtype(dtype))
-        head = load_head(head_path).to(dtype)
         return cls(vision, head, **kwargs)
 
     def _image_embeds(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -86,12 +86,7 @@ def load_head(path: str | Path, input_size: int | None = None) -> AestheticV25He
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; reward.path must be the Aesthetic Predictor v2.5 head "
                                 "(aesthetic_predictor_v2_5.pth)")
-    try:
-        sd = load_state_dict_file(path)
-    except Exception as e:  # UnpicklingError (refused pickled code), SafetensorError, a truncated zip, ...
-        first = (str(e).strip().splitlines() or [""])[0][:160]
-        raise ValueError(f"{path} is not a readable weights file ({type(e).__name__}: {first}); give "
-                         "aesthetic_predictor_v2_5.pth or a .safetensors with its keys") from None
+    sd = load_state_dict_file(path)  # WeightsFileError (one line) for pickled code, a corrupt or truncated file
     if sd and all(k.startswith(UPSTREAM_PREFIX) for k in sd):
         sd = {k[len(UPSTREAM_PREFIX):]: v for k, v in sd.items()}
     missing = [k for k in HEAD_KEYS if k not in sd]
@@ -161,9 +156,9 @@ class AestheticV25Reward(Reward):
 
         from .loading import hf_dtype, load_checked
 
+        head = load_head(head_path).to(dtype)  # first: a bad head file fails before the large backbone loads
         check_siglip_dir(siglip_path)
         vision = load_checked(SiglipVisionModel, siglip_path, **hf_dtype(dtype))
-        head = load_head(head_path, vision.config.hidden_size).to(dtype)
         return cls(vision, head, **kwargs)
 
     def pixel_values(self, images: torch.Tensor) -> torch.Tensor:

@@ -116,17 +116,11 @@ class ConversionError(ValueError):
 def load_openclip_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of an open_clip checkpoint (``.pt`` / ``.pth`` read with ``weights_only=True``, or ``.safetensors``);
     unwraps ``{"state_dict": ...}`` and strips DistributedDataParallel's ``module.`` prefix."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from .loading import load_weights_file  # the one guarded reader: one-line errors, pickled code refused
 
-        obj = load_file(str(path))
-    else:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+    obj = load_weights_file(path)
+    if isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise ConversionError(f"{path} does not hold a state dict")
     return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items() if torch.is_tensor(v)}
 
 

@@ -1,14 +1,79 @@
-"""Guarded loading of the transformers models under every reward (CLIP, CLIP vision towers, SigLIP).
+"""Guarded loading of every reward's weights: the transformers models (CLIP, CLIP vision towers, SigLIP) and the
+plain weights files (``.pt`` / ``.pth`` / ``.bin`` / ``.safetensors``: HPSv2, ImageReward, the aesthetic heads).
 
 ``transformers``' ``from_pretrained`` fills weights it does not find with fresh random values and only logs it; a
 reward with random weights would train towards noise without any error. :func:`load_checked` turns that, and every
-other way a checkpoint can be wrong, into a one-line ``ValueError``. This module imports no other reward module, so
-every reward module can use it.
+other way a checkpoint can be wrong, into a one-line ``ValueError``. :func:`load_weights_file` is the one reader of a
+weights file: safetensors, or ``torch.load(weights_only=True)``, which refuses pickled code without running it
+(https://pytorch.org/docs/stable/generated/torch.load.html); whatever is wrong with the file becomes one
+:class:`WeightsFileError` line naming the file and the fix. This module imports no other reward module, so every
+reward module can use it.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+
+from ..errors import UserError
+from ..hub import refused_pickle
+
+
+
+class WeightsFileError(UserError, ValueError):
+    """A weights file that cannot be used: missing, corrupt, not a state dict, or holding pickled code (refused)."""
+
+
+def _first(e: BaseException) -> str:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+    return type(e).__name__ if "weights_only" in first else first  # never pass on advice to unpickle freely
+
+
+def _refused_global(e: BaseException) -> str:
+    m = re.search(r"GLOBAL ([\w.]+)", str(e))
+    return f" (it references {m.group(1)})" if m else ""
+
+
+def load_weights_file(path: str | Path) -> dict:
+    """The top-level object of a weights file: ``.safetensors`` through safetensors, anything else through
+    ``torch.load(weights_only=True, map_location="cpu")``. Raises :class:`WeightsFileError` with one line naming
+    the file and the fix; a pickle holding code is refused before any of it runs."""
+    import pickle
+
+    import torch
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise WeightsFileError(f"weights file {str(path)!r} {what}; give the path of the weights file itself")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise WeightsFileError(f"weights file {str(path)!r} is not a readable safetensors file "
+                                   f"({_first(e)}); download it again") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not refused_pickle(e):  # a damaged pickle stream, not a refused object
+            detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(e))
+            raise WeightsFileError(f"weights file {str(path)!r} is not a readable PyTorch weights file (truncated or "
+                                   f"corrupt: {detail.group(1)[:160] if detail else 'not a pickle stream'}); "
+                                   "download it again or give a .safetensors copy") from None
+        raise WeightsFileError(
+            f"weights file {str(path)!r} holds pickled Python objects besides tensors{_refused_global(e)}: refused, "
+            "nothing in it ran; get a copy saved as .safetensors, or one that holds only its state dict (tensors, "
+            "saved with torch.save(model.state_dict(), path))") from None
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, ImportError, IndexError) as e:
+        raise WeightsFileError(f"weights file {str(path)!r} is not a readable PyTorch weights file (truncated or "
+                               f"corrupt: {_first(e)}); download it again or give a .safetensors copy") from None
+    if not isinstance(obj, dict):
+        raise WeightsFileError(f"weights file {str(path)!r} holds a {type(obj).__name__}, not a state dict; re-save "
+                               "it with torch.save(model.state_dict(), path) or as .safetensors")
+    return obj
 
 
 def check_clip_dir(path: str | Path) -> None:
@@ -34,6 +99,31 @@ def check_clip_dir(path: str | Path) -> None:
                          "model_type must be 'clip'); point it at a CLIPModel checkpoint")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def has_tokenizer(folder: str | Path) -> bool:
+    """``folder`` holds a saved tokenizer (any of the files transformers' tokenizers save)."""
+    return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
+
+
+def check_model_type(path: str | Path, model_types: tuple[str, ...], what: str) -> None:
+    """A local folder whose config.json declares one of ``model_types`` (cheap, before any weights load)."""
+    import json
+
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        raise ValueError(f"{path} has no config.json, so it is not a transformers model directory; give {what} "
+                         "saved with save_pretrained")
+    try:
+        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        raise ValueError(f"{config} is not a valid JSON config; give {what}") from None
+    if model_type not in model_types:
+        raise ValueError(f"{path} holds a {model_type or 'non-transformers'} model, not {what} (config.json "
+                         f"model_type must be one of {', '.join(model_types)})")
+
+
 def load_checked(cls, path, **kwargs):
     """``cls.from_pretrained(path)`` that fails with one line instead of returning a model with freshly initialised
     weights (a reward with random weights would train towards noise without any error): a local directory of
@@ -48,13 +138,12 @@ def load_checked(cls, path, **kwargs):
     tlog.set_verbosity_error()
     try:
         model, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
-    except (OSError, ValueError):
-        raise
     except Exception as e:  # UnpicklingError (refused pickled code), SafetensorError (corrupt file), ...
-        import pickle
-
-        first = (str(e).strip().splitlines() or [""])[0][:160]
-        if isinstance(e, pickle.UnpicklingError):
+        refused = refused_pickle(e)  # also when transformers re-raises it as an OSError
+        if isinstance(e, (OSError, ValueError)) and not refused:
+            raise
+        first = _first(e)
+        if refused:
             first = "a pickled weights file holds objects other than tensors; refused, nothing in it ran"
         raise ValueError(f"{path} holds unreadable or unsafe weights ({type(e).__name__}: {first}); give a "
                          "checkpoint saved as safetensors") from None

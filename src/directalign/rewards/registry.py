@@ -2,8 +2,10 @@
 
 Training (:func:`load_reward`, from the ``reward`` config section), ``directalign eval --rewards KIND:PATH`` and the
 tiny world's own loader (:func:`directalign.world.load.load_reward`) all go through :func:`make_reward`. A new kind
-is one loader function and one line in :data:`LOADERS` (plus its name in the config's allowed kinds). What
-``reward.path`` holds for each kind, and each kind's score: :mod:`directalign.rewards.zoo`.
+is one loader function and one line in :data:`LOADERS` (plus its name in the config's allowed kinds), and the paths
+it reads in :func:`_needs`, so that ``train`` checks them before anything loads (:func:`reward_needs`,
+:mod:`directalign.preflight`). What ``reward.path`` holds for each kind, and each kind's score:
+:mod:`directalign.rewards.zoo`.
 
 Every loader gets the path and one :class:`RewardOptions` (the ``reward`` section's other fields, dtype resolved);
 each uses the options that apply to it. ``clamp_resized`` reaches every reward whose preprocessing resizes:
@@ -22,6 +24,7 @@ from typing import Callable
 import torch
 
 from ..errors import UserError
+from ..hub import clean_message
 from ..world_paths import reward_dir as tiny_world_reward_dir
 from .base import Reward
 
@@ -109,6 +112,64 @@ LOADERS: dict[str, Callable[[str, RewardOptions], Reward]] = {
 REWARD_KINDS = (*LOADERS, "sum")  # sum: a weighted sum of registered kinds (reward.terms)
 
 
+# ---------------------------------------------------------------------------------------------------- needs
+@dataclass(frozen=True)
+class Need:
+    """One path a reward reads, checked before anything loads (:mod:`directalign.preflight`)."""
+
+    key: str  # the config key naming it: reward.path, reward.clip_backbone, reward.terms.paths[1], ...
+    value: str
+    role: str  # "file": a local weights file; "model": a transformers model; "tokenizer" (both a folder or hub id)
+    check: Callable[[Path], None] | None = None  # cheap structural check of the local folder (raises ValueError)
+    fallback: str = ""  # tokenizer: what the loader falls back to when ``value`` holds none
+
+
+def _is_weights_file(path: str) -> bool:
+    return Path(path).expanduser().is_file() or path.endswith((".pt", ".pth", ".bin", ".ckpt", ".safetensors"))
+
+
+def _needs(kind: str, path: str, o: RewardOptions, key: str) -> list[Need]:
+    """What ``kind`` reads besides the generator (mirrors each loader above and its reward's ``from_pretrained``)."""
+    from .aesthetic_v25 import check_siglip_dir
+    from .clip_score import LAION_H14
+    from .imagereward import BERT_TOKENIZER
+    from .loading import check_clip_dir, check_model_type
+
+    tok = "reward.tokenizer"
+    if kind in ("clip", "pickscore") or (kind == "hpsv2" and not _is_weights_file(path)):
+        fallback = "" if kind == "clip" else LAION_H14
+        return [Need(key, path, "model", check_clip_dir),
+                Need(tok if o.tokenizer else key, o.tokenizer or path, "tokenizer", fallback=fallback)]
+    if kind == "hpsv2":
+        return [Need(key, path, "file"), Need(tok, o.tokenizer or LAION_H14, "tokenizer")]
+    if kind == "aesthetic":
+        def clip_vision(p: Path) -> None:
+            check_model_type(p, ("clip", "clip_vision_model"), "a CLIP ViT-L/14 (openai/clip-vit-large-patch14)")
+
+        return [Need(key, path, "file"), Need("reward.clip_backbone", o.clip_backbone, "model", clip_vision)]
+    if kind == "aesthetic-v25":
+        return [Need(key, path, "file"), Need("reward.siglip_backbone", o.siglip_backbone, "model", check_siglip_dir)]
+    if kind == "imagereward":
+        return [Need(key, path, "file"), Need(tok, o.tokenizer or BERT_TOKENIZER, "tokenizer")]
+    return []  # tiny-world: the shipped world (checked by its own loader); a new kind without needs: none checked
+
+
+def reward_needs(r) -> list[Need]:
+    """Every path the ``reward`` config section (``RewardConfig``) will read, without reading any of them."""
+    options = options_from_config(r)
+    if r.kind != "sum":
+        pairs = [(r.kind, str(r.path), "reward.path")]
+    else:
+        pairs = [(k, str(p), f"reward.terms.paths[{i}]") for i, (k, p) in enumerate(zip(r.terms.kinds, r.terms.paths))]
+    out, seen = [], set()
+    for kind, path, key in pairs:
+        for need in _needs(kind, path, options, key):
+            if (need.role, need.value) not in seen:
+                seen.add((need.role, need.value))
+                out.append(need)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------- factory
 def make_reward(kind: str, path: str | Path, options: RewardOptions = RewardOptions()) -> Reward:
     """One frozen reward of a registered ``kind`` from ``path`` (on the CPU)."""
@@ -156,10 +217,6 @@ def reward_from_config(r) -> Reward:
     return reward
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
 def load_reward(reward_cfg, device: torch.device | str, form: str) -> Reward:
     """The frozen reward the ``reward`` config section describes, on ``device``, for the SRPO ``form`` it will be
     used with (``absolute`` for plain Direct-Align). Anything wrong raises :class:`RewardError` with one line."""
@@ -168,7 +225,7 @@ def load_reward(reward_cfg, device: torch.device | str, form: str) -> Reward:
         reward = reward_from_config(r)
     except (OSError, ValueError, TypeError) as e:  # TypeError: a config.json value of the wrong type
         where = "reward.terms.paths" if r.kind == "sum" else f"reward.path {str(r.path)!r}"
-        raise RewardError(f"could not load {where} as reward.kind={r.kind}: {_first_line(e)}") from None
+        raise RewardError(f"could not load {where} as reward.kind={r.kind}: {clean_message(e)}") from None
     if form != "absolute" and not reward.text_conditioned:
         raise RewardError(f"reward.kind={r.kind} is image-only, so the {form!r} SRPO form has no text to "
                           "contrast; set reward.form=absolute")

@@ -20,6 +20,9 @@ when another process finishes, because CPU kernels round differently at differen
 on the same machine writes the same bytes. With the defaults the single command took 87.5 minutes on 2 idle cores
 (docs/tiny-world.md).
 
+Progress: one overall bar with an ETA on stderr (``--no-progress`` hides it); the stages' own lines still go to
+stdout (see :mod:`.build_progress`).
+
 The output directory holds ``generator/`` (diffusers format, loadable with ``FluxPipeline.from_pretrained``),
 ``reward/`` (``CLIPModel.from_pretrained``) and ``build_log.json``.
 """
@@ -48,6 +51,7 @@ from .build_generator_stages import (
     train_generator,
     train_vae,
 )
+from .build_progress import overall_bar
 from .build_reward_stage import (
     REWARD_NAME_COLOUR_PROB,
     augment,
@@ -87,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="train the reward in a second one-thread process while the other stages run (needs "
                         "--threads >= 2 and the reward stage plus another one)")
     p.add_argument("--log-file", type=Path, help=argparse.SUPPRESS)  # the parallel reward process's own log
+    p.add_argument("--no-progress", action="store_true", help="no overall progress bar (on stderr)")
     args = p.parse_args(argv)
     t_start = time.time()
     torch.set_num_threads(args.threads)
@@ -104,47 +109,64 @@ def main(argv: list[str] | None = None) -> None:
     def save_log():
         log_path.write_text(json.dumps(LOG, indent=1))
 
-    if "vae" in stages:  # first, on every thread; the reward starts after it, so no stage shares a core by chance
-        train_vae(args.vae_steps, 32, args.seed).save_pretrained(work / "vae")
-        save_log()
+    steps = {"vae": args.vae_steps, "generator": args.generator_steps, "distill": args.distill_steps,
+             "reward": args.reward_steps}
+    parallel = bool(args.parallel and "reward" in stages and stages & {"generator", "distill"} and args.threads >= 2)
+    # One overall bar (stderr), not in the parallel reward process (--log-file): the parent follows its lines.
+    show = not args.no_progress and args.log_file is None
+    with overall_bar({s: n for s, n in steps.items() if s in stages}, parallel, show) as progress:
+        stage_done = progress.stage_done if progress is not None else (lambda stage: None)
+        if "vae" in stages:  # first, on every thread; the reward starts after it, so no stage shares a core
+            train_vae(args.vae_steps, 32, args.seed).save_pretrained(work / "vae")
+            save_log()
+            stage_done("vae")
 
-    reward_proc = None
-    if args.parallel and "reward" in stages and stages & {"generator", "distill"} and args.threads >= 2:
-        reward_log = work / "reward_log.json"
-        reward_log.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "directalign.world.build", "--out", str(out), "--stages", "reward",
-               "--threads", "1", "--seed", str(args.seed), "--reward-steps", str(args.reward_steps),
-               "--log-file", str(reward_log), "--no-parallel"]
-        reward_proc = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"))
-        stages = stages - {"reward"}
-        torch.set_num_threads(args.threads - 1)
-    if "generator" in stages:
-        vae = AutoencoderKL.from_pretrained(work / "vae").eval().requires_grad_(False)
-        comps = train_generator(vae, args.generator_steps, 64, args.seed, args.n_data, args.eval_every)
-        _pipeline(comps).save_pretrained(work / "teacher")
-        save_log()
-    if "distill" in stages:
-        teacher = FluxPipeline.from_pretrained(work / "teacher")
-        comps = distill_guidance(dict(teacher.components), args.distill_steps, 64, args.seed, args.n_data // 2,
-                                 args.eval_every // 2)
-        # shards under 8 MB keep every shipped file small enough for any git host's limits
-        _pipeline(comps).save_pretrained(out / "generator", max_shard_size="6MB")
-        _forget_build_paths(out / "generator")
-        rates = evaluate_generator(_pipeline(comps), n=256, guidance=3.5)
-        LOG["generator_gate_quick"] = rates
-        save_log()
-    if "reward" in stages:
-        model, tok = train_reward(args.reward_steps, 128, args.seed)
-        model.save_pretrained(out / "reward")
-        tok.save_pretrained(out / "reward")
-        save_log()
-    if reward_proc is not None:
-        if reward_proc.wait() != 0:
-            raise SystemExit(f"the reward stage failed (exit {reward_proc.returncode}); its output is above")
-        LOG["reward"] = json.loads(reward_log.read_text())["reward"]
-    if args.log_file is None:
-        LOG["total_seconds"] = time.time() - t_start
-        save_log()
+        reward_proc = None
+        if parallel:
+            reward_log = work / "reward_log.json"
+            reward_log.unlink(missing_ok=True)
+            cmd = [sys.executable, "-m", "directalign.world.build", "--out", str(out), "--stages", "reward",
+                   "--threads", "1", "--seed", str(args.seed), "--reward-steps", str(args.reward_steps),
+                   "--log-file", str(reward_log), "--no-parallel"]
+            piped = {} if progress is None else {"stdout": subprocess.PIPE, "text": True}  # its lines move the bar
+            reward_proc = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), **piped)
+            reward_lines = progress.follow(reward_proc.stdout) if progress is not None else None
+            stages = stages - {"reward"}
+            torch.set_num_threads(args.threads - 1)
+        if "generator" in stages:
+            vae = AutoencoderKL.from_pretrained(work / "vae").eval().requires_grad_(False)
+            comps = train_generator(vae, args.generator_steps, 64, args.seed, args.n_data, args.eval_every)
+            _pipeline(comps).save_pretrained(work / "teacher")
+            save_log()
+            stage_done("generator")
+        if "distill" in stages:
+            teacher = FluxPipeline.from_pretrained(work / "teacher")
+            comps = distill_guidance(dict(teacher.components), args.distill_steps, 64, args.seed, args.n_data // 2,
+                                     args.eval_every // 2)
+            # shards under 8 MB keep every shipped file small enough for any git host's limits
+            _pipeline(comps).save_pretrained(out / "generator", max_shard_size="6MB")
+            _forget_build_paths(out / "generator")
+            rates = evaluate_generator(_pipeline(comps), n=256, guidance=3.5)
+            LOG["generator_gate_quick"] = rates
+            save_log()
+            stage_done("distill")
+        if "reward" in stages:
+            model, tok = train_reward(args.reward_steps, 128, args.seed)
+            model.save_pretrained(out / "reward")
+            tok.save_pretrained(out / "reward")
+            save_log()
+            stage_done("reward")
+        if reward_proc is not None:
+            code = reward_proc.wait()
+            if reward_lines is not None:
+                reward_lines.join()
+            if code != 0:
+                raise SystemExit(f"the reward stage failed (exit {reward_proc.returncode}); its output is above")
+            LOG["reward"] = json.loads(reward_log.read_text())["reward"]
+            stage_done("reward")
+        if args.log_file is None:
+            LOG["total_seconds"] = time.time() - t_start
+            save_log()
 
 
 if __name__ == "__main__":
