@@ -63,6 +63,13 @@ def ws(random_world_dir, tmp_path_factory):
         code = main(["train", *_sets(FAST + [f"run.output_dir={root / 'run'}"]), "--max-steps-this-session", "1"])
         assert code == 0
     assert (root / "run" / "checkpoints" / "step-00000001" / "state.json").is_file()
+    with pytest.MonkeyPatch.context() as mp:  # checkpoints at steps 1 and 2 of a cosine schedule (issue 16 item 4)
+        mp.setenv("DIRECTALIGN_WORLD_DIR", str(world))
+        code = main(["train", *_sets(FAST + [f"run.output_dir={root / 'run-cosine'}", "train.lr_schedule=cosine",
+                                             "train.steps=3", "run.checkpoint_every=1"]),
+                     "--max-steps-this-session", "2"])
+        assert code == 0
+    assert (root / "run-cosine" / "checkpoints" / "step-00000002" / "state.json").is_file()
     shutil.copytree(root / "run", root / "run-corrupt")
     t = root / "run-corrupt" / "checkpoints" / "step-00000001" / "trainable.safetensors"
     t.write_bytes(t.read_bytes()[:100])
@@ -182,6 +189,7 @@ class Case:
     needles: list[str]  # the problem and the fix, each must appear in the error line
     env: dict = field(default_factory=dict)
     writable_check: bool = False  # root writes a 0o500 directory: use a place no one may write (/sys) instead
+    command: str = "train"  # other commands get only ``args`` (no training settings)
 
 
 CASES = [
@@ -348,6 +356,19 @@ CASES = [
          ["--set", "srpo.offline_data=" + str(Path(__file__).resolve().parents[1] / "data" / "offline-float-range"
                                               / "manifest.jsonl")],
          ["hdr.tiff", "32-bit float image with values in [0, 2], outside [0, 1]", "save it as an 8- or 16-bit PNG"]),
+    # issue 16 item 4: --resume below the checkpoint, or with a decaying schedule re-spanned
+    Case("resume-steps-below-checkpoint", ["--set", "run.output_dir={ws}/run-cosine", "--set", "train.steps=1",
+                                           "--set", "train.lr_schedule=cosine", "--resume"],
+         ["checkpoint is at step 2", "past train.steps=1", "set train.steps to 2 or more"]),
+    Case("resume-respans-decaying-schedule", ["--set", "run.output_dir={ws}/run-cosine", "--set", "train.steps=5",
+                                              "--set", "train.lr_schedule=cosine", "--resume"],
+         ["decays over train.steps", "keep train.steps=3"]),
+    # issue 16 item 12: compare / eval name their arguments as the user typed them
+    Case("compare-missing-model", ["{ws}/nope", "base", "--out", "{ws}/cmp-out"], ["compare MODEL", "does not exist"],
+         command="compare"),
+    Case("compare-one-model", ["base", "--out", "{ws}/cmp-out"], ["MODEL"], command="compare"),
+    Case("eval-baseline-missing", ["--model", "base", "--baseline", "{ws}/nope", "--out", "{ws}/eval-out"],
+         ["--baseline", "does not exist"], command="eval"),
 ]
 
 
@@ -367,7 +388,9 @@ def test_bad_input(case, ws, random_world_dir, monkeypatch, capsys):
     monkeypatch.setenv("DIRECTALIGN_WORLD_DIR", str(random_world_dir))
     for k, v in case.env.items():
         monkeypatch.setenv(k, v.format(**fill))
-    argv = ["train", *_sets(FAST + [f"run.output_dir={ws / 'new-run'}"])] + [a.format(**fill) for a in case.args]
+    args = [a.format(**fill) for a in case.args]
+    argv = (["train", *_sets(FAST + [f"run.output_dir={ws / 'new-run'}"])] + args if case.command == "train"
+            else [case.command, *args])
     before = _fingerprint(ws, random_world_dir)
     try:
         code = main(argv)

@@ -110,6 +110,8 @@ def cmd_eval(args, log=print) -> int:
     if images is not None and Path(args.images).resolve().is_relative_to(out.resolve()):
         raise EvalError(f"--images {args.images!r} lies inside --out {str(out)!r}; write the scores elsewhere")
     check_out_dir(out, args.overwrite, "aggregate.json")
+    if args.baseline and not (Path(args.baseline) / "aggregate.json").is_file():
+        resolve_model(args.baseline, cfg, arg="--baseline", eval_dirs=True)  # a bad --baseline fails before any work
     specs = requested_rewards(args.rewards, trained)
     train_model = training_reward_model(cfg) if trained else None
     rewards = load_rewards(specs, cfg, trained, args.relative_words, train_model)
