@@ -83,7 +83,7 @@ def _evaluate_base(cfg: Config, adapter, reward, eval_prompts, run_dir: Path, lo
     """Held-out reward (and best-of-n) of the base model, written to ``summary_before.json``."""
     t0 = time.time()
     is_world = cfg.model.path == "tiny-world"
-    before = evaluate(adapter, reward, cfg, eval_prompts, is_world)
+    before = evaluate(adapter, reward, cfg, eval_prompts, is_world, desc="base model: held-out eval")
     bo = best_of_n(adapter, reward, cfg, eval_prompts, cfg.eval.best_of) if cfg.eval.best_of > 1 else None
     save_grid(before.images, run_dir / "samples" / "before.png", ncol=len(cfg.eval.seeds) * 4)
     (run_dir / run_state.SUMMARY_BEFORE).write_text(json.dumps(
@@ -213,7 +213,8 @@ def _run(cfg, resume, max_steps_this_session, log, info, device, adapter, reward
 
 def finish(cfg: Config, run_dir: Path, adapter, reward, eval_prompts, skipped: int) -> dict:
     """Evaluate after training, write sample grids, export weights, write summary.json (and the report)."""
-    after = evaluate(adapter, reward, cfg, eval_prompts, cfg.model.path == "tiny-world")
+    after = evaluate(adapter, reward, cfg, eval_prompts, cfg.model.path == "tiny-world",
+                     desc="tuned model: held-out eval")
     save_grid(after.images, run_dir / "samples" / "after.png", ncol=len(cfg.eval.seeds) * 4)
     export_weights(cfg, adapter, run_dir / "export")
     base = run_state.BaseEval.read(cfg, run_dir, eval_prompts)  # base numbers only from the same prompts, seeds
