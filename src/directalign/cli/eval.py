@@ -36,6 +36,7 @@ from pathlib import Path
 
 from ..eval.scoring import GENERAL_RELATIVE_WORDS, TINY_RELATIVE_WORDS, reward_spec_help
 from ..progress import add_progress_flag
+from .steer import add_steer_flags as steer_flags
 
 if __doc__:  # (None under python -OO)
     __doc__ = __doc__.format(reward_specs=textwrap.fill(reward_spec_help(), 116, initial_indent="    ",
@@ -53,9 +54,11 @@ def cmd_sample(args, log=print) -> int:
     from ..progress import bar
     from ..prompts import load_prompts
     from ..report_images import save_grid
+    from .steer import check_steer_flags, per_image, run_steer, write_steer
 
+    check_steer_flags(args)
     ref = resolve_model(args.model, None, args.base)
-    cfg, _ = settings_config(args.config, [ref], flag_overrides(args))
+    cfg, trained = settings_config(args.config, [ref], flag_overrides(args))
     if args.config is not None:
         ref = resolve_model(args.model, cfg, args.base)
     prompts = load_prompts(cfg.eval.prompts)
@@ -63,13 +66,22 @@ def cmd_sample(args, log=print) -> int:
                         "manifest.jsonl")
     adapter = load_model(ref, cfg)
     slot_prompts, slot_seeds = eval_slots(prompts, cfg.eval.seeds)
-    with bar(sampling_steps(len(slot_prompts), cfg), f"{ref.label}: sampling", cfg.run.progress, unit="step",
-             postfix=f"{len(slot_prompts)} images") as b:
-        images = generate_slots(adapter, slot_prompts, slot_seeds, cfg, b)
+    result = extra = None
+    if args.steer:
+        result = run_steer(args, adapter, cfg, trained, slot_prompts, slot_seeds, ref.label)
+        images, extra = result.images, per_image(result)
+    else:
+        with bar(sampling_steps(len(slot_prompts), cfg), f"{ref.label}: sampling", cfg.run.progress, unit="step",
+                 postfix=f"{len(slot_prompts)} images") as b:
+            images = generate_slots(adapter, slot_prompts, slot_seeds, cfg, b)
     prepare_out_dir(out, args.overwrite, "manifest.jsonl")
-    save_images(images, slot_prompts, slot_seeds, cfg, ref, out)
+    records = save_images(images, slot_prompts, slot_seeds, cfg, ref, out, extra)
     save_grid(images, out / "grid.png", ncol=len(cfg.eval.seeds) * max(1, 8 // len(cfg.eval.seeds)))
-    log(f"wrote {len(slot_prompts)} images and manifest.jsonl to {out}")
+    if result is not None:
+        doc = write_steer(result, args.steer, records, out)
+        log(f"{args.steer}: mean reward {doc['mean_reward']:.4f} ({doc['reward_spec']}), NFE {doc['nfe_no_grad']} "
+            f"(+{doc['nfe_grad']} with gradient), {doc['reward_calls']} reward calls, {doc['seconds']:.1f} s")
+    log(f"wrote {len(slot_prompts)} images and manifest.jsonl{' and steer.json' if result else ''} to {out}")
     return 0
 
 
@@ -226,6 +238,7 @@ def add_parsers(sub) -> None:
                        **fmt)
     s.add_argument("--model", required=True, help="base | tiny-world | run dir | exported or pipeline dir")
     _add_settings(s, cfg_help)
+    steer_flags(s)
     s.set_defaults(run=cmd_sample)
     e = sub.add_parser("eval", help="generate with fixed seeds (or take --images) and score with several rewards",
                        **fmt)

@@ -14,8 +14,9 @@ from .models import ModelRef
 
 
 def save_images(images: torch.Tensor, prompts: list[str], seeds: list[int], cfg, ref: ModelRef | None,
-                out: Path) -> list[dict]:
-    """PNG files and ``manifest.jsonl`` in ``out``: one line per image with everything needed to regenerate it."""
+                out: Path, extra: list[dict] | None = None) -> list[dict]:
+    """PNG files and ``manifest.jsonl`` in ``out``: one line per image with everything needed to regenerate it,
+    plus ``extra[i]`` (e.g. steering's reward and chosen candidate) when given."""
     from PIL import Image
 
     out.mkdir(parents=True, exist_ok=True)
@@ -28,6 +29,8 @@ def save_images(images: torch.Tensor, prompts: list[str], seeds: list[int], cfg,
                "shift": cfg.sampling.shift, "height": cfg.model.height, "width": cfg.model.width}
         if ref is not None:
             rec.update({"model": ref.path or ref.base, "model_kind": ref.kind, "base": ref.base})
+        if extra is not None:
+            rec.update(extra[i])
         records.append(rec)
     with open(out / "manifest.jsonl", "w", encoding="utf-8") as fh:
         for rec in records:
