@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Reward
+from .loading import check_model_type
 from .preprocess import SIGLIP_MEAN, SIGLIP_STD, published_preprocess
 
 SIGLIP_SO400M = "google/siglip-so400m-patch14-384"
@@ -108,23 +109,11 @@ def load_head(path: str | Path, input_size: int | None = None) -> AestheticV25He
 
 def check_siglip_dir(path: str | Path) -> None:
     """For a local path: it exists and its config.json declares a SigLIP model (cheap, before any weights load)."""
-    import json
-
     text = str(path)
     p = Path(text).expanduser()
     if not (text.startswith((".", "/", "~")) or p.exists()):
         return  # a hub id: checked after loading
-    config = p / "config.json"
-    if not p.is_dir() or not config.is_file():
-        raise ValueError(f"{text} is not a transformers model directory (no config.json); give a SigLIP checkpoint "
-                         f"such as {SIGLIP_SO400M} saved with save_pretrained")
-    try:
-        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
-    except (ValueError, UnicodeDecodeError, AttributeError):
-        raise ValueError(f"{config} is not a valid JSON config; give a SigLIP checkpoint directory") from None
-    if model_type not in SIGLIP_MODEL_TYPES:
-        raise ValueError(f"{text} holds a {model_type or 'non-transformers'} model, not a SigLIP model (config.json "
-                         f"model_type must be one of {', '.join(SIGLIP_MODEL_TYPES)}); point it at {SIGLIP_SO400M}")
+    check_model_type(p, SIGLIP_MODEL_TYPES, f"a SigLIP model such as {SIGLIP_SO400M}")
 
 
 class AestheticV25Reward(Reward):

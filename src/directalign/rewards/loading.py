@@ -78,25 +78,13 @@ def load_weights_file(path: str | Path) -> dict:
 
 def check_clip_dir(path: str | Path) -> None:
     """For a local path: it exists and its config.json declares a CLIP model (cheap, before any weights load)."""
-    import json
-
     text = str(path)
     p = Path(text).expanduser()
     if not (text.startswith((".", "/", "~")) or p.exists()):
         return  # a hub id: checked after loading
     if not p.is_dir():
         raise ValueError(f"{text} does not exist or is not a directory; give a transformers CLIPModel directory")
-    config = p / "config.json"
-    if not config.is_file():
-        raise ValueError(f"{text} has no config.json, so it is not a transformers model directory; give a "
-                         "CLIPModel directory (saved with save_pretrained)")
-    try:
-        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
-    except (ValueError, UnicodeDecodeError, AttributeError):
-        raise ValueError(f"{config} is not a valid JSON config; give a CLIPModel directory") from None
-    if model_type != "clip":
-        raise ValueError(f"{text} holds a {model_type or 'non-transformers'} model, not a CLIP model (config.json "
-                         "model_type must be 'clip'); point it at a CLIPModel checkpoint")
+    check_model_type(p, ("clip",), "a CLIP model (a transformers CLIPModel checkpoint)")
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "spiece.model")
