@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, run_state
+from . import __version__, preflight, run_state
 from .adapters.loading import load_adapter
 from .config import Config, diff_from_defaults
 from .engine import checkpoint as ckpt
@@ -23,7 +23,7 @@ from .engine import distributed as dist_utils
 from .engine.context import PromptSampler
 from .engine.finetune import DTYPES, FineTuning, resolve_device
 from .engine.loop import StepLoop
-from .engine.rundir import RunDirLock, check_run_dir, prepare_run_dir
+from .engine.rundir import RunDirLock, prepare_run_dir
 from .errors import TrainingError
 from .eval.heldout import best_of_n, evaluate
 from .export import export_weights
@@ -116,9 +116,7 @@ def _resume_from(cfg: Config, run_dir: Path, ids: dict, ft: FineTuning, log) -> 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False, max_steps_this_session: int | None = None,
           log=print) -> RunResult:
     """Run (or resume) a training job described by ``cfg``; returns the run directory and the summary."""
-    from . import preflight  # paths, device, resolution, run directory: all checked before anything loads
-    preflight.check(cfg, resume, overwrite)
-    check_run_dir(cfg.run.output_dir, resume, overwrite)
+    preflight.check(cfg, resume, overwrite)  # run directory, paths, device, resolution: before anything loads
     check_loggers(cfg.run)  # e.g. run.wandb=true without wandb: one line before any model loads
     train_prompts = load_prompts(cfg.train.prompts)
     eval_prompts = load_prompts(cfg.eval.prompts)
