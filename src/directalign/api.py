@@ -170,3 +170,44 @@ def load_run(run_dir) -> Run:
         raise RunError(f"load_run: {str(path / 'summary.json')!r} is not valid JSON; rerun the final evaluation "
                        "(directalign eval) or delete the file") from None
     return Run(path, load_file(cfg_file), summary, read_metrics(path), read_heldout(path))
+
+
+def steered_sample(model: str = "tiny-world", prompts: list[str] | None = None, *, method: str = "best-of-n",
+          seeds: list[int] | None = None, reward: str | None = None, options: dict | None = None,
+          config: str | None = None, base: str | None = None, settings: dict | None = None,
+          progress: bool = False):
+    """Steered sampling from Python, as ``directalign sample --steer``: one image per (prompt, seed) slot,
+    prompt-major, from ``model`` (tiny-world, base, a run directory, a LoRA or merged export, a hub id) steered by
+    ``method`` (best-of-n, noise-search, fk, reno, dno) towards ``reward`` (a ``--rewards`` spec; default ``train``,
+    the run's held-out reward).
+
+    ``options`` are the method's options by field or flag name (``{"n": 8}``, ``{"lambda": 10, "potential":
+    "max"}``); ``settings`` overrides sampling settings by config key (``{"eval.steps": 8}``); ``config`` is the
+    settings config (as ``--config``). Returns a :class:`directalign.steer.SteerResult` (images, rewards, chosen
+    candidates, NFE with and without gradient, reward calls, seconds); ``extra["prompts"]`` / ``extra["seeds"]``
+    hold the slots::
+
+        res = da.steered_sample("tiny-world", ["a red circle"], method="fk", seeds=[0, 1], options={"n": 4},
+                       settings={"eval.steps": 8})
+    """
+    from .eval.heldout import eval_slots
+    from .eval.models import load_model, resolve_model
+    from .eval.scoring import requested_rewards
+    from .eval.settings import settings_config
+    from .prompts import load_prompts
+    from .steer import SteerSettings
+    from .steer.run import build_options, reward_function, steer_with
+
+    opts = build_options(method, options)
+    ref = resolve_model(model, None, base)
+    cfg, trained = settings_config(config, [ref], {**(settings or {}), "run.progress": progress})
+    if config is not None:
+        ref = resolve_model(model, cfg, base)
+    slot_prompts, slot_seeds = eval_slots(list(prompts) if prompts is not None else load_prompts(cfg.eval.prompts),
+                                          list(seeds) if seeds is not None else cfg.eval.seeds)
+    spec = requested_rewards([reward] if reward else None, trained)[0].strip()
+    adapter = load_model(ref, cfg)
+    result = steer_with(method, adapter, reward_function(spec, cfg, trained), spec, slot_prompts, slot_seeds,
+                        SteerSettings.from_config(cfg, opts), progress, ref.label)
+    result.extra["prompts"], result.extra["seeds"] = slot_prompts, slot_seeds
+    return result

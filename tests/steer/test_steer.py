@@ -15,8 +15,9 @@ from directalign.eval.models import load_model, resolve_model
 from directalign.eval.settings import settings_config
 from directalign.methods.sampling import generate
 from directalign.steer import SteerError, SteerSettings
-from directalign.steer.best_of_n import candidate_seed
-from directalign.steer.noise_search import perturb
+from directalign.steer.base import options_of
+from directalign.steer.best_of_n import BestOfNOptions, candidate_seed
+from directalign.steer.noise_search import NoiseSearchOptions, perturb
 from directalign.steer.registry import STEERERS
 
 SEEDS = [3, 7]
@@ -55,7 +56,7 @@ def plain(adapter, cfg, prompts, seeds):
 def test_best_of_one_is_plain_sampling_bit_for_bit(world):
     adapter, cfg = world
     prompts, seeds = slots()
-    res = STEERERS["best-of-n"].run(adapter, Brightness(), prompts, seeds, SteerSettings.from_config(cfg, n=1))
+    res = STEERERS["best-of-n"].run(adapter, Brightness(), prompts, seeds, SteerSettings.from_config(cfg, BestOfNOptions(n=1)))
     assert torch.equal(res.images, plain(adapter, cfg, prompts, seeds))
     assert [c["candidate"] for c in res.chosen] == [0] * len(prompts)
     assert [c["noise_seed"] for c in res.chosen] == seeds
@@ -65,7 +66,7 @@ def test_best_of_n_keeps_the_max_and_counts_its_costs(world):
     adapter, cfg = world
     prompts, seeds = slots()
     n, score, ticks = 3, Brightness(), []
-    s = SteerSettings.from_config(cfg, n=n, on_step=ticks.append)
+    s = SteerSettings.from_config(cfg, BestOfNOptions(n), on_step=ticks.append)
     res = STEERERS["best-of-n"].run(adapter, score, prompts, seeds, s)
     # by hand: every candidate j is the plain sample of seed s + stride * j
     cands = [plain(adapter, cfg, prompts, [candidate_seed(x, j) for x in seeds]) for j in range(n)]
@@ -97,13 +98,13 @@ def test_noise_search_never_worse_than_its_start_and_deterministic(world):
     runs = []
     for _ in range(2):
         score, ticks = Brightness(), []
-        s = SteerSettings.from_config(cfg, n=n, rounds=rounds, neighbors=nb, lam=0.5, on_step=ticks.append)
+        s = SteerSettings.from_config(cfg, NoiseSearchOptions(n, rounds, nb, 0.5), on_step=ticks.append)
         runs.append(STEERERS["noise-search"].run(adapter, score, prompts, seeds, s))
         k = len(prompts)
         assert runs[-1].nfe_no_grad == cfg.eval.steps * (n + rounds * nb) * k == sum(ticks)
         assert runs[-1].reward_calls == (n + rounds * nb) * k == score.calls and runs[-1].nfe_grad == 0
     res = runs[0]
-    start = STEERERS["best-of-n"].run(adapter, Brightness(), prompts, seeds, SteerSettings.from_config(cfg, n=n))
+    start = STEERERS["best-of-n"].run(adapter, Brightness(), prompts, seeds, SteerSettings.from_config(cfg, BestOfNOptions(n)))
     assert res.extra["start_rewards"] == start.rewards.tolist()
     assert bool((res.rewards >= start.rewards).all())
     assert torch.equal(res.images, runs[1].images) and res.chosen == runs[1].chosen
@@ -116,7 +117,7 @@ def test_bad_options_are_one_line_errors():
     for kw, word in [({"n": 0}, "--steer-n"), ({"rounds": -1}, "--steer-rounds"), ({"neighbors": 0}, "neighbors"),
                      ({"lam": 0.0}, "--steer-lambda"), ({"lam": 1.5}, "--steer-lambda")]:
         with pytest.raises(SteerError, match=word) as e:
-            SteerSettings(2, 1.0, None, 8, 8, **kw).validate()
+            options_of(STEERERS["noise-search"], SteerSettings(2, 1.0, None, 8, 8, options=NoiseSearchOptions(**kw)))
         assert "\n" not in str(e.value)
 
 
@@ -145,3 +146,55 @@ def test_sample_steer_cli(random_world, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "needs --steer" in err[0] and "noise-search only" in err[1]
     assert not (tmp_path / "d").exists()
+
+
+def test_sample_cli_runs_fk_reno_and_dno_with_the_training_reward(random_world, tmp_path, capsys):
+    (tmp_path / "p.txt").write_text(PROMPTS[0] + "\n")
+    base = ["sample", "--model", "tiny-world", "--prompts", str(tmp_path / "p.txt"), "--seeds", "0", "1", "--steps",
+            "3", "--no-progress"]
+    runs = {"fk": ["--steer-n", "2", "--steer-lambda", "5", "--steer-potential", "add", "--steer-resample-start",
+                   "0.3"],
+            "reno": ["--steer-iterations", "1", "--steer-lr", "2.0", "--steer-reg", "0.0"],
+            "dno": ["--steer-iterations", "1", "--steer-eta", "0.5", "--steer-permutations", "2"]}
+    for name, flags in runs.items():
+        assert main([*base, "--steer", name, *flags, "--out", str(tmp_path / name)]) == 0, name
+        doc = json.loads((tmp_path / name / "steer.json").read_text())
+        assert doc["steer"] == name and doc["reward_spec"] == "train" and doc["images"] == 2
+        assert doc["nfe"] == doc["nfe_grad"] + doc["nfe_no_grad"]
+    fk = json.loads((tmp_path / "fk" / "steer.json").read_text())
+    assert fk["options"]["lambda"] == 5.0 and fk["options"]["potential"] == "add" and fk["nfe_no_grad"] == 3 * 2 * 2
+    assert fk["resampling_steps"] == [1] and fk["reward_calls"] == 2 * 2 * 2
+    for name in ("reno", "dno"):  # the held-out reward is differentiable: the noise moved and the best is kept
+        doc = json.loads((tmp_path / name / "steer.json").read_text())
+        assert doc["nfe_grad"] == 3 * 1 * 2 and doc["nfe_no_grad"] == 3 * 2 and doc["reward_calls"] == 2 * 2
+        assert doc["mean_reward"] >= doc["mean_start_reward"]
+    capsys.readouterr()
+    bad = [(["--steer", "reno", "--steer-n", "2"], "--steer-n applies to --steer best-of-n / noise-search / fk only"),
+           (["--steer", "fk", "--steer-potential", "min"], "--steer-potential"),
+           (["--steer", "dno", "--steer-gamma", "-1"], "--steer-gamma must be >= 0"),
+           (["--steer-iterations", "2"], "needs --steer")]
+    for flags, message in bad:
+        assert main([*base, *flags, "--out", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_python_entry_point_matches_the_command_line(random_world, tmp_path):
+    import directalign as da
+
+    (tmp_path / "p.txt").write_text(PROMPTS[0] + "\n")
+    res = da.steered_sample("tiny-world", [PROMPTS[0]], method="best-of-n", seeds=[0, 1], options={"n": 2},
+                   settings={"eval.steps": 2})
+    assert main(["sample", "--model", "tiny-world", "--prompts", str(tmp_path / "p.txt"), "--seeds", "0", "1",
+                 "--steps", "2", "--no-progress", "--steer", "best-of-n", "--steer-n", "2", "--out",
+                 str(tmp_path / "cli")]) == 0
+    doc = json.loads((tmp_path / "cli" / "steer.json").read_text())
+    assert res.rewards.tolist() == pytest.approx([r["reward"] for r in doc["per_image"]], abs=1e-6)
+    assert res.chosen == [r["steer"] for r in doc["per_image"]]
+    assert res.extra["prompts"] == [PROMPTS[0]] * 2 and res.extra["seeds"] == [0, 1]
+    assert res.costs()["nfe_no_grad"] == doc["nfe_no_grad"]
+    with pytest.raises(SteerError, match="unknown steering method 'bon'"):
+        da.steered_sample("tiny-world", [PROMPTS[0]], method="bon")
+    with pytest.raises(SteerError, match="best-of-n has no option 'rounds'"):
+        da.steered_sample("tiny-world", [PROMPTS[0]], options={"rounds": 2})

@@ -34,9 +34,9 @@ def held_out_form(cfg) -> tuple[str, float]:
     return METHODS[cfg.method].held_out_form(cfg)
 
 
-@torch.no_grad()
-def training_reward(reward, images: torch.Tensor, prompts: list[str], cfg) -> torch.Tensor:
-    """The run's reward of each image (N,), as defined in the module docstring."""
+def differentiable_training_reward(reward, images: torch.Tensor, prompts: list[str], cfg) -> torch.Tensor:
+    """The run's reward of each image (N,), as defined in the module docstring, differentiable in ``images`` (the
+    score the gradient-based steerers ascend)."""
     state = reward.encode_images(images)
     form, k = held_out_form(cfg)
     if form == "absolute":
@@ -48,6 +48,12 @@ def training_reward(reward, images: torch.Tensor, prompts: list[str], cfg) -> to
         neg = reward.score_texts(state, [control_prompt(neg_word, p) for p in prompts])
         total += combine(pos, neg, k, form).float().cpu()
     return total / len(pairs)
+
+
+@torch.no_grad()
+def training_reward(reward, images: torch.Tensor, prompts: list[str], cfg) -> torch.Tensor:
+    """The run's reward of each image (N,), as defined in the module docstring (no gradient)."""
+    return differentiable_training_reward(reward, images, prompts, cfg)
 
 
 def score_in_chunks(reward, images, prompts, cfg, chunk: int = 256, progress=None) -> torch.Tensor:
