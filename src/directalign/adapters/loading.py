@@ -52,6 +52,12 @@ FAMILIES: dict[str, Family] = {
     "qwen-image": Family("qwen-image", "QwenImagePipeline", "qwen_image:QwenImageAdapter",
                          ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"),
                          vae_levels_key="temperal_downsample", vae_levels_offset=0),
+    "z-image": Family("z-image", "ZImagePipeline", "z_image:ZImageAdapter",
+                      ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")),
+    "flux2": Family("flux2", "Flux2Pipeline", "flux2:Flux2Adapter",
+                    ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")),
+    "flux2-klein": Family("flux2-klein", "Flux2KleinPipeline", "flux2:Flux2KleinAdapter",
+                          ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")),
 }
 _FAMILY_OF_PIPELINE = {f.pipeline: f.name for f in FAMILIES.values()}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json", ".pt", ".pth")

@@ -85,9 +85,11 @@ def uses_fsdp(finetune: str, strategy: str, info: DistInfo) -> bool:
     return info.enabled and finetune == "full" and strategy in ("auto", "fsdp")
 
 
-def shard_full_model(transformer, info: DistInfo, compute_dtype: torch.dtype | None = None):
+def shard_full_model(transformer, info: DistInfo, compute_dtype: torch.dtype | None = None,
+                     block_names: tuple[str, ...] = ("transformer_blocks", "single_transformer_blocks")):
     """FSDP2 (``fully_shard``): every transformer block is its own unit (gathered just before it runs and freed
     after), then the root for the embeddings and output layers. Parameters become DTensors sharded on dim 0.
+    ``block_names``: the transformer's ModuleLists of blocks (an adapter's ``fsdp_block_names``; FLUX's by default).
     ``compute_dtype`` (bf16 for ``train.mixed_precision=bf16``): blocks compute with parameters gathered in that
     dtype and gradients are reduced in float32 onto the shards, which keep the weights' dtype."""
     if not info.enabled:
@@ -97,7 +99,7 @@ def shard_full_model(transformer, info: DistInfo, compute_dtype: torch.dtype | N
     from .precision import fsdp_policy
 
     policy = fsdp_policy(compute_dtype)
-    for name in ("transformer_blocks", "single_transformer_blocks"):
+    for name in block_names:
         for block in getattr(transformer, name, None) or []:
             fully_shard(block, mp_policy=policy)
     fully_shard(transformer, mp_policy=policy)

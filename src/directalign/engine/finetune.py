@@ -156,7 +156,8 @@ class FineTuning:
         compute = precision.compute_dtype(t.mixed_precision) or loaded_dtype
         fsdp = dist_utils.uses_fsdp(t.finetune, t.distributed, info)
         if fsdp:
-            dist_utils.shard_full_model(transformer, info, compute)
+            dist_utils.shard_full_model(transformer, info, compute, getattr(
+                adapter, "fsdp_block_names", ("transformer_blocks", "single_transformer_blocks")))
             params = [p for p in transformer.parameters() if p.requires_grad]  # now DTensor shards
         elif compute is not None:
             precision.autocast_forward(transformer, compute)
