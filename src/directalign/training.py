@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, preflight, run_state
+from . import __version__, preflight, run_state, source_images
 from .adapters.loading import load_adapter
 from .config import Config, diff_from_defaults
 from .engine import checkpoint as ckpt
@@ -120,6 +120,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, max_steps_
     check_loggers(cfg.run)  # e.g. run.wandb=true without wandb: one line before any model loads
     train_prompts = load_prompts(cfg.train.prompts)
     eval_prompts = load_prompts(cfg.eval.prompts)
+    sources = source_images.for_config(cfg, training=True)  # an edit family: each prompt's image, checked
     info = dist_utils.init_from_env(cfg.model.device)
     device = dist_utils.device_for(info, cfg.model.device) if info.enabled else resolve_device(cfg.model.device)
     if cfg.model.dtype == "float16" and device.type == "cpu" and info.is_main:
@@ -134,6 +135,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, max_steps_
             return RunResult(Path(cfg.run.output_dir), point.summary, already_complete=True)
     torch.manual_seed(cfg.train.seed)
     adapter = load_adapter(cfg.model, device, DTYPES[cfg.model.dtype])
+    source_images.attach(adapter, sources)
     _check_resolution(cfg, adapter)
     spec = METHODS[cfg.method]
     reward = load_reward(cfg.reward, device, spec.held_out_form(cfg)[0])

@@ -52,6 +52,10 @@ FAMILIES: dict[str, Family] = {
     "qwen-image": Family("qwen-image", "QwenImagePipeline", "qwen_image:QwenImageAdapter",
                          ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"),
                          vae_levels_key="temperal_downsample", vae_levels_offset=0),
+    **{name: Family(name, pipe, f"qwen_image_edit:{cls}", ("transformer", "vae", "text_encoder", "tokenizer",
+                    "scheduler"), vae_levels_key="temperal_downsample", vae_levels_offset=0)
+       for name, pipe, cls in (("qwen-image-edit", "QwenImageEditPipeline", "QwenImageEditAdapter"),
+                               ("qwen-image-edit-plus", "QwenImageEditPlusPipeline", "QwenImageEditPlusAdapter"))},
     "z-image": Family("z-image", "ZImagePipeline", "z_image:ZImageAdapter",
                       ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")),
     "flux2": Family("flux2", "Flux2Pipeline", "flux2:Flux2Adapter",

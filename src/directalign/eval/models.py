@@ -91,6 +91,7 @@ def resolve_model(spec: str, settings_cfg=None, base: str | None = None, arg: st
 
 def load_model(ref: ModelRef, cfg):
     """The adapter of the model's family for ``ref`` with the dtype and device of ``cfg.model``."""
+    from .. import source_images
     from ..adapters.loading import family_of_dir, load_adapter
     from ..engine.finetune import DTYPES, resolve_device
 
@@ -100,6 +101,7 @@ def load_model(ref: ModelRef, cfg):
         c.model.family = family_of_dir(Path(ref.base).expanduser()) or c.model.family
     device = resolve_device(c.model.device)
     adapter = load_adapter(c.model, device, DTYPES[c.model.dtype])
+    source_images.attach(adapter, source_images.for_config(c, training=False))  # an edit family's sources
     if ref.kind == "run":
         lora, trans = ref.run_dir / "export" / "lora", ref.run_dir / "export" / "transformer"
         if lora.is_dir() and any(lora.glob("*.safetensors")):
