@@ -50,9 +50,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from html import escape
 from importlib import resources
 from pathlib import Path
+
+from directalign.report_plots import svg_plot
+
 
 def config_file(method: str) -> Path:
     return Path(str(resources.files("directalign"))) / "configs" / f"tiny-{method}.yaml"
@@ -68,7 +70,6 @@ def _registered_methods() -> tuple[str, ...]:
 METHODS = tuple(m for m in _registered_methods() if config_file(m).is_file())
 LABELS = {"srpo": "SRPO", "direct-align": "Direct-Align", "refl": "ReFL", "draft-k": "DRaFT-K",
           "draft-lv": "DRaFT-LV", "alignprop": "AlignProp", "grpo": "DanceGRPO"}  # display names; default: the name
-COLORS = ("#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#ff7f0e", "#17becf", "#7f7f7f")
 METRIC_KEYS = ("reward", "relative", "own_objective", "fidelity", "textured_share", "dark_share", "saturation",
                "brightness", "colourfulness", "hf_energy", "diversity_pixel")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "compare_methods"
@@ -187,10 +188,10 @@ def worker_run(spec: dict) -> dict:
     """Train one (method, seed) in sessions that end at the evaluation points; evaluate after each."""
     from directalign.engine.finetune import resolve_device
     from directalign.eval.heldout import held_out_form
-    from directalign.rewards.registry import load_reward
-    from directalign.training import train
     from directalign.logging_utils import read_metrics
     from directalign.prompts import load_prompts
+    from directalign.rewards.registry import load_reward
+    from directalign.training import train
 
     t0 = time.time()
     run_dir = Path(spec["run_dir"])
@@ -375,80 +376,6 @@ def markdown(report: dict) -> str:
         cal = ", ".join(f"{LABELS.get(m, m)} {c['seconds_per_step']:.2f}" for m, c in report["calibration"].items())
         lines += [f"Measured seconds per step: {cal}."]
     return "\n".join(lines) + "\n"
-
-
-def _log_ticks(lo: float, hi: float) -> list[float]:
-    ticks = []
-    for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1):
-        for mult in (1, 2, 5):
-            v = mult * 10**e
-            if lo <= v <= hi:
-                ticks.append(v)
-    return ticks or [lo, hi]
-
-
-def svg_plot(series: dict[str, list[tuple[float, float]]], baseline: float | None, title: str, xlabel: str,
-             ylabel: str, width: int = 720, height: int = 420) -> str:
-    """A multi-series line chart with a log x axis, a dashed baseline and a legend; plain SVG."""
-    from directalign.report import nice_ticks
-
-    pts = [(x, y) for s in series.values() for x, y in s if x > 0 and math.isfinite(y)]
-    left, right, top, bottom = 70, 170, 30, 48
-    pw, ph = width - left - right, height - top - bottom
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}" font-family="sans-serif">',
-             f'<rect width="{width}" height="{height}" fill="#fff"/>',
-             f'<text x="{left + pw / 2:.1f}" y="18" text-anchor="middle" font-size="14" font-weight="600">'
-             f'{escape(title)}</text>']
-    if not pts:
-        parts.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle">no data</text></svg>')
-        return "".join(parts)
-    xs, ys = [p[0] for p in pts], [p[1] for p in pts] + ([baseline] if baseline is not None else [])
-    x_lo, x_hi = min(xs), max(xs)
-    if x_hi <= x_lo:
-        x_lo, x_hi = x_lo / 2, x_hi * 2
-    lx0, lx1 = math.log10(x_lo) - 0.05, math.log10(x_hi) + 0.05
-    y_ticks = nice_ticks(min(ys), max(ys)) if max(ys) > min(ys) else [min(ys) - 1e-3, max(ys) + 1e-3]
-    y0, y1 = y_ticks[0], y_ticks[-1]
-
-    def sx(x):
-        return left + (math.log10(x) - lx0) / (lx1 - lx0) * pw
-
-    def sy(y):
-        return top + ph - (y - y0) / (y1 - y0) * ph
-
-    for t in y_ticks:
-        parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" stroke="#e5e7eb"/>')
-        parts.append(f'<text x="{left - 6}" y="{sy(t) + 4:.1f}" text-anchor="end" font-size="11">{t:.3g}</text>')
-    for t in _log_ticks(10**lx0, 10**lx1):
-        parts.append(f'<line x1="{sx(t):.1f}" x2="{sx(t):.1f}" y1="{top}" y2="{top + ph}" stroke="#f0f0f0"/>')
-        parts.append(f'<text x="{sx(t):.1f}" y="{top + ph + 16}" text-anchor="middle" font-size="11">{t:.3g}</text>')
-    parts.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#333"/>')
-    parts.append(f'<text x="{left + pw / 2:.1f}" y="{height - 10}" text-anchor="middle" font-size="12">'
-                 f'{escape(xlabel)}</text>')
-    parts.append(f'<text transform="translate(16 {top + ph / 2:.1f}) rotate(-90)" text-anchor="middle" '
-                 f'font-size="12">{escape(ylabel)}</text>')
-    if baseline is not None:
-        parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{sy(baseline):.1f}" y2="{sy(baseline):.1f}" '
-                     'stroke="#555" stroke-dasharray="5 4"/>')
-    for i, (label, s) in enumerate(series.items()):
-        color = COLORS[i % len(COLORS)]
-        good = [(x, y) for x, y in s if x > 0 and math.isfinite(y)]
-        if good:
-            coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in good)
-            parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{coords}"/>')
-            parts += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{color}"/>' for x, y in good]
-        ly = top + 14 + 18 * i
-        parts.append(f'<line x1="{left + pw + 12}" x2="{left + pw + 34}" y1="{ly}" y2="{ly}" stroke="{color}" '
-                     'stroke-width="2"/>')
-        parts.append(f'<text x="{left + pw + 40}" y="{ly + 4}" font-size="12">{escape(label)}</text>')
-    if baseline is not None:
-        ly = top + 14 + 18 * len(series)
-        parts.append(f'<line x1="{left + pw + 12}" x2="{left + pw + 34}" y1="{ly}" y2="{ly}" stroke="#555" '
-                     'stroke-dasharray="5 4"/>')
-        parts.append(f'<text x="{left + pw + 40}" y="{ly + 4}" font-size="12">base model</text>')
-    parts.append("</svg>")
-    return "".join(parts)
 
 
 def write_png(series, baseline, path: Path) -> bool:

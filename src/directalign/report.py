@@ -28,6 +28,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .report_heldout import heldout_points, heldout_section
+from .report_steer import steer_section
 from .report_plots import nice_ticks, png_data_uri, svg_line_plot  # noqa: F401  (re-exported)
 
 GRID_PAD = 2  # report_images.save_grid's layout: white padding, nearest upscaling, ncol = seeds x 4 (trainer)
@@ -290,6 +291,8 @@ def render_report(run_dir: Path) -> str:
         body.append(_indicator_section(tiles_to_tensor(tiles["before"]), tiles_to_tensor(tiles["after"]), groups))
     else:
         body.append(_indicator_section(None, None, []))
+
+    body.append(steer_section(run_dir))  # benchmarks/steer_frontier.py's picture, when it ran on this run
 
     agg = _load_json(run_dir / "eval" / "aggregate.json")
     if agg and isinstance(agg.get("metrics"), dict):
