@@ -129,6 +129,19 @@ def diversity(images: torch.Tensor | None, groups: list, embeddings: torch.Tenso
     return sum(per.values()) / len(per) if per else float("nan")
 
 
+def frame_difference(videos: torch.Tensor) -> torch.Tensor:
+    """The frame-consistency indicator of videos (N, F, 3, H, W) in [0, 1]: per video, the mean absolute pixel
+    difference between consecutive frames, ``mean_{f, c, y, x} |v[f + 1] - v[f]|`` over the F - 1 pairs, in [0, 1]
+    (0: a still video; 1: frames alternating black and white). A rise is flicker, a fall a video freezing; one-frame
+    videos score 0. (N,)"""
+    if videos.ndim != 5 or videos.shape[2] != 3:
+        raise ValueError(f"expected videos of shape (N, F, 3, H, W), got {tuple(videos.shape)}")
+    v = videos.detach().float().cpu()
+    if v.shape[1] < 2:
+        return torch.zeros(v.shape[0])
+    return (v[:, 1:] - v[:, :-1]).abs().flatten(1).mean(1)
+
+
 # Drift thresholds of the hacking indicators between a reference (the base model) and a tuned model. A change past
 # a threshold is reported as a plain warning in `directalign eval --baseline`, `compare` and the run report.
 #   ("abs", t): |after - before| > t          (quantities on a fixed [0, 1] scale)
@@ -140,6 +153,7 @@ DRIFT_THRESHOLDS = {
     "colourfulness": ("rel", 0.25),
     "hf_energy": ("rel", 0.50),  # over-sharpened, noisy or over-textured images
     "diversity_pixel": ("drop", 0.30),  # samples of one prompt collapse onto one image
+    "frame_difference": ("rel", 0.50),  # videos: flicker (rise) or frozen motion (fall), see frame_difference
 }
 
 

@@ -283,7 +283,8 @@ def render_report(run_dir: Path) -> str:
     if prompts and seeds and cfg is not None:
         n = len(prompts) * len(seeds)
         for side, grid in grids.items():
-            tiles[side] = grid_tiles(grid, n, len(seeds) * GRID_PROMPTS_PER_ROW, cfg.model.height, cfg.model.width)
+            tiles[side] = grid_tiles(grid, n, len(seeds) * GRID_PROMPTS_PER_ROW, cfg.model.height,
+                                     cfg.model.width * cfg.model.frames)  # videos: frame strips (report_images)
 
     body.append("<h2>Hacking indicators</h2>")
     if tiles.get("before") and tiles.get("after"):

@@ -10,8 +10,11 @@ from PIL import Image
 
 
 def to_grid(images: torch.Tensor, ncol: int, pad: int = 2, upscale: int = 1) -> Image.Image:
-    """(N, 3, H, W) in [0, 1] -> one PIL image, ``ncol`` per row, white padding, optional nearest upscaling."""
+    """(N, 3, H, W) in [0, 1] -> one PIL image, ``ncol`` per row, white padding, optional nearest upscaling.
+    Videos (N, F, 3, H, W) are drawn as frame strips (N, 3, H, F * W), frames left to right."""
     images = images.detach().float().cpu().clamp(0, 1)
+    if images.ndim == 5:
+        images = torch.cat(images.unbind(1), dim=-1)
     n, _, h, w = images.shape
     ncol = max(1, min(ncol, n))
     nrow = (n + ncol - 1) // ncol

@@ -369,6 +369,17 @@ CASES = [
     Case("compare-one-model", ["base", "--out", "{ws}/cmp-out"], ["MODEL"], command="compare"),
     Case("eval-baseline-missing", ["--model", "base", "--baseline", "{ws}/nope", "--out", "{ws}/eval-out"],
          ["--baseline", "does not exist"], command="eval"),
+    # issue 14: steering options
+    Case("steer-option-of-another-steerer", ["--model", "tiny-world", "--steer", "reno", "--steer-n", "4", "--out",
+                                             "{ws}/steer-out"],
+         ["--steer-n applies to --steer best-of-n / noise-search / fk only", "not reno"], command="sample"),
+    Case("steer-bad-choice", ["--model", "tiny-world", "--steer", "fk", "--steer-potential", "min", "--out",
+                              "{ws}/steer-out"], ["--steer-potential must be one of max, add, diff"], command="sample"),
+    Case("steer-out-of-range", ["--model", "tiny-world", "--steer", "fk", "--steer-resample-start", "0.9",
+                                "--steer-resample-end", "0.5", "--out", "{ws}/steer-out"],
+         ["--steer-resample-end must be >= --steer-resample-start"], command="sample"),
+    Case("steer-option-without-steer", ["--model", "tiny-world", "--steer-iterations", "3", "--out", "{ws}/steer-out"],
+         ["--steer-iterations needs --steer"], command="sample"),
 ]
 
 

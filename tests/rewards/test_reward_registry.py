@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import save_file
 
 from directalign.config import build_config
 from directalign.errors import UserError
@@ -88,13 +89,30 @@ def test_clamp_resized_covers_every_resizing_path_but_hpsv2s_pad():
 
 
 # ============================================================================================ the registry
+@pytest.fixture(scope="module")
+def hpsv3_and_mps_files(tmp_path_factory):
+    """Tiny HPSv3 (official key layout) and MPS (converted layout) checkpoints with their tokenizers."""
+    from test_hpsv3 import build_tiny_hpsv3, official_layout
+    from test_mps import build_tiny_mps, published_layout
+
+    from directalign.world_paths import reward_dir
+
+    tmp = tmp_path_factory.mktemp("hpsv3-mps")
+    hpsv3, tok_dir = build_tiny_hpsv3(tmp)
+    save_file(official_layout(hpsv3), str(tmp / "HPSv3.safetensors"))
+    save_file(published_layout(build_tiny_mps()), str(tmp / "mps.safetensors"))
+    return (tmp / "HPSv3.safetensors", tok_dir), (tmp / "mps.safetensors", reward_dir())
+
+
 @pytest.fixture
-def kinds(random_world, clip_dir, hps_files, aesthetic_files, imagereward_files, v25_files):  # noqa: F811
+def kinds(random_world, clip_dir, hps_files, aesthetic_files, imagereward_files, v25_files,  # noqa: F811
+          hpsv3_and_mps_files):
     """``{kind: (path, options)}`` for every registered kind, on the tiny random fixtures."""
     _, ckpt, tok_dir = hps_files
     _, aroot = aesthetic_files
     _, iroot = imagereward_files
     vroot, _ = v25_files
+    (h3, h3_tok), (mps, mps_tok) = hpsv3_and_mps_files
     return {
         "tiny-world": ("tiny-world", {}),
         "clip": (clip_dir, {"use_logit_scale": True}),
@@ -103,6 +121,8 @@ def kinds(random_world, clip_dir, hps_files, aesthetic_files, imagereward_files,
         "aesthetic": (aroot / "head.safetensors", {"clip_backbone": str(clip_dir)}),
         "aesthetic-v25": (vroot / "head.safetensors", {"siglip_backbone": str(vroot / "siglip-vision")}),
         "imagereward": (iroot / "ImageReward.pt", {"tokenizer": str(iroot / "bert")}),
+        "hpsv3": (h3, {"tokenizer": str(h3_tok)}),
+        "mps": (mps, {"tokenizer": str(mps_tok)}),
     }
 
 
@@ -231,7 +251,17 @@ def test_eval_reward_specs_resolve_through_the_registry(kinds, tmp_path):
         "aesthetic-v25": (f"aesthetic-v25:{kinds['aesthetic-v25'][0]}", AestheticV25Reward),
         "imagereward": (f"imagereward:{kinds['imagereward'][0]}", ImageRewardReward),
     }
-    assert {k for k in LOADERS} == {s.partition(":")[0] for s, _ in specs.values()}  # every registered kind
+    own_tokenizer = {"hpsv3", "mps"}  # reward.tokenizer reaches only the run's own kind: each is loaded as one below
+    assert {k for k in LOADERS} - own_tokenizer == {s.partition(":")[0] for s, _ in specs.values()}
+    from directalign.rewards.hpsv3 import HPSv3Reward
+    from directalign.rewards.mps import MPSReward
+
+    for kind, cls in (("hpsv3", HPSv3Reward), ("mps", MPSReward)):
+        path, opts = kinds[kind]
+        own = build_config({}, [f"reward.kind={kind}", f"reward.path={path}", f"reward.tokenizer={opts['tokenizer']}",
+                                "reward.form=absolute", "reward.clamp_resized=false", "model.device=cpu"])
+        (r,) = load_rewards([f"{kind}:{path}"], own, False, None)
+        assert r.name == kind and type(r.model) is cls and r.model.clamp_resized is False, kind
     got = load_rewards([s for s, _ in specs.values()], cfg, False, None)
     assert [r.name for r in got] == list(specs)
     for r, (name, (_, cls)) in zip(got, specs.items()):

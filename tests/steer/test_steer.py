@@ -198,3 +198,19 @@ def test_python_entry_point_matches_the_command_line(random_world, tmp_path):
         da.steered_sample("tiny-world", [PROMPTS[0]], method="bon")
     with pytest.raises(SteerError, match="best-of-n has no option 'rounds'"):
         da.steered_sample("tiny-world", [PROMPTS[0]], options={"rounds": 2})
+
+
+@pytest.mark.parametrize("method,options", [("noise-search", {"n": 1, "rounds": 1, "neighbors": 1}),
+                                            ("fk", {"n": 2, "lambda": 5.0}), ("reno", {"iterations": 1}),
+                                            ("dno", {"iterations": 1, "permutations": 2})])
+def test_every_steerer_from_python_is_seeded_and_deterministic(random_world, method, options):
+    import directalign as da
+
+    runs = [da.steered_sample("tiny-world", [PROMPTS[0]], method=method, seeds=[0, 1], options=options,
+                              settings={"eval.steps": 3}) for _ in range(2)]
+    assert torch.equal(runs[0].images, runs[1].images) and runs[0].chosen == runs[1].chosen
+    assert runs[0].images.shape[0] == 2 and runs[0].extra["options"]
+    other = da.steered_sample("tiny-world", [PROMPTS[0]], method=method, seeds=[5, 1], options=options,
+                              settings={"eval.steps": 3})
+    assert not torch.equal(other.images[0], runs[0].images[0])  # another seed, another image
+    assert torch.allclose(other.images[1], runs[0].images[1], atol=1e-6)  # a slot depends on its own seed only

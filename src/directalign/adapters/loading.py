@@ -58,6 +58,8 @@ FAMILIES: dict[str, Family] = {
                                ("qwen-image-edit-plus", "QwenImageEditPlusPipeline", "QwenImageEditPlusAdapter"))},
     "z-image": Family("z-image", "ZImagePipeline", "z_image:ZImageAdapter",
                       ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")),
+    "wan": Family("wan", "WanPipeline", "wan:WanAdapter", ("transformer", "vae", "text_encoder", "tokenizer",
+                  "scheduler"), vae_levels_key="temperal_downsample", vae_levels_offset=0),
     "flux2": Family("flux2", "Flux2Pipeline", "flux2:Flux2Adapter",
                     ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")),
     "flux2-klein": Family("flux2-klein", "Flux2KleinPipeline", "flux2:Flux2KleinAdapter",
@@ -160,8 +162,9 @@ def load_adapter(model_cfg, device, dtype):
     if path.startswith((".", "/", "~")) or p.exists():
         path = str(check_local_model(path, m.family))
     try:
-        return family.adapter_class().from_pretrained(path, dtype=dtype, device=str(device),
-                                                      max_sequence_length=m.max_sequence_length or None)
+        adapter = family.adapter_class().from_pretrained(path, dtype=dtype, device=str(device),
+                                                         max_sequence_length=m.max_sequence_length or None)
+        return adapter.configure(m) if hasattr(adapter, "configure") else adapter  # video fields (wan)
     except (OSError, ValueError) as e:
         if refused_pickle(e):  # a .bin / .pt holding pickled code: torch refused it, nothing ran
             raise TrainingError(f"could not load model.path {path!r} as a {family.pipeline}: {clean_message(e)} "

@@ -24,8 +24,16 @@ class ModelConfig:
     height: int = 32
     width: int = 32
     max_sequence_length: int = 0  # 0: the tokenizer's own length, capped at 512
+    # video families (wan): frames per video (Wan's VAE: 4k + 1) and, for Wan 2.2's two experts, which one trains
+    # (high: sigma >= boundary_ratio, Wan 2.1's only one; low: below) and the low-noise expert's CFG scale when CFG is
+    # on (the pipeline's guidance_scale_2; 0: the same scale). Image families ignore these.
+    frames: int = 1
+    trainable_expert: str = choice("high", "low")
+    guidance_2: float = 0.0
 
     def validate(self) -> None:
+        need(self.frames >= 1 and self.guidance_2 >= 0,
+             f"model.frames must be >= 1 and model.guidance_2 >= 0, got {self.frames} and {self.guidance_2}")
         need(self.height >= 8 and self.width >= 8, f"model.height/width: must be >= 8, got {self.height}x{self.width}")
         need(0 <= self.max_sequence_length <= 512,
              f"model.max_sequence_length: must be in [0, 512], got {self.max_sequence_length}")
@@ -61,8 +69,9 @@ class RewardConfig:
     kind: str = "tiny-world"
     path: str = "tiny-world"
     form: str = choice("official", "paper", "relative", "absolute")
-    positive_words: list[str] = field(default_factory=lambda: ["textured"])
-    negative_words: list[str] = field(default_factory=lambda: ["flat"])
+    # SRPO control words; unset (null): the reward kind's defaults (directalign.rewards.control_words)
+    positive_words: list[str] | None = None
+    negative_words: list[str] | None = None
     selection: str = choice("round_robin", "random")  # round_robin (official) | random
     # k of the relative forms for methods without a k schedule of their own (SRPO takes k from srpo.discount_pos)
     relative_k: float = 0.175
@@ -77,6 +86,13 @@ class RewardConfig:
     clamp_resized: bool = True
     dtype: str = choice("float32", "bfloat16", "float16")  # reward weights
     terms: RewardTerms = field(default_factory=RewardTerms)  # kind=sum only
+
+    def __post_init__(self) -> None:
+        from ..rewards.control_words import default_control_words
+
+        positive, negative = default_control_words(self.kind, self.terms.kinds)
+        self.positive_words = positive if self.positive_words is None else self.positive_words
+        self.negative_words = negative if self.negative_words is None else self.negative_words
 
     def validate(self) -> None:
         need(self.divisor > 0, f"reward.divisor: must be > 0, got {self.divisor}")

@@ -28,6 +28,7 @@ from .models import ModelRef, load_model, resolve_model
 from .output import format_value, write_json, write_records_csv
 from .scoring import RewardSpec, score_images, training_reward_model
 from .stats import mean_ci
+from .video import frame_strips, score_videos, video_columns
 
 
 @dataclass
@@ -75,6 +76,9 @@ def evaluate_model(ref: ModelRef | None, cfg, trained: bool, rewards: list[Rewar
         if trained:
             with bar(len(slot_prompts), "training reward", cfg.run.progress, unit="img") as b:
                 train_rewards = score_in_chunks(train_model, images, slot_prompts, cfg, progress=b)
+    videos = images if images.ndim == 5 else None  # (N, F, 3, H, W): scored per frame, measured as frame strips
+    if videos is not None:
+        images = frame_strips(videos)
     if judge is None and _judge_applicable(slot_prompts) and images.shape[-1] == 32 and images.shape[-2] == 32:
         from ..world.judge import attribute_rates
 
@@ -85,11 +89,13 @@ def evaluate_model(ref: ModelRef | None, cfg, trained: bool, rewards: list[Rewar
     columns: dict[str, list] = {}
     if train_rewards is not None:
         columns["train_reward"] = train_rewards.tolist()
+    if videos is not None:
+        columns.update(video_columns(videos))
     diversity: dict = {"pixel": M.diversity(images, slot_prompts)}
     with bar(len(rewards) * n, "scoring", cfg.run.progress and bool(rewards), unit="img") as b:
         for spec in rewards:
             b.set_postfix_str(spec.name)
-            s = score_images(spec, images, slot_prompts)
+            s = score_images(spec, images, slot_prompts) if videos is None else score_videos(spec, videos, slot_prompts)
             columns[f"{spec.name}.score"] = s["score"].tolist()
             columns[f"{spec.name}.relative"] = s["relative"].tolist()
             if s["embedding"].shape[1]:
@@ -131,6 +137,7 @@ def indicator_means(aggregate: dict) -> dict:
     """``{indicator: mean}`` of an aggregate (the four image indicators and pixel diversity)."""
     out = {k: (aggregate["metrics"].get(k) or {}).get("mean") for k in M.INDICATORS}
     out["diversity_pixel"] = (aggregate.get("diversity") or {}).get("pixel")
+    out["frame_difference"] = (aggregate["metrics"].get("frame_difference") or {}).get("mean")  # videos only
     return out
 
 

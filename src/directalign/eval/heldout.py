@@ -17,6 +17,7 @@ import torch
 from ..methods.registry import METHODS
 from ..methods.sampling import generate
 from ..rewards.relative import combine, control_prompt
+from ..rewards.video import is_video, video_reward
 
 
 @dataclass
@@ -36,7 +37,10 @@ def held_out_form(cfg) -> tuple[str, float]:
 
 def differentiable_training_reward(reward, images: torch.Tensor, prompts: list[str], cfg) -> torch.Tensor:
     """The run's reward of each image (N,), as defined in the module docstring, differentiable in ``images`` (the
-    score the gradient-based steerers ascend)."""
+    score the gradient-based steerers ascend); videos (N, F, 3, H, W) score every frame and average
+    (:mod:`directalign.rewards.video`)."""
+    if is_video(images):
+        return video_reward(lambda x, p: differentiable_training_reward(reward, x, p, cfg), images, prompts)
     state = reward.encode_images(images)
     form, k = held_out_form(cfg)
     if form == "absolute":

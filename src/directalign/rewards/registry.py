@@ -100,6 +100,20 @@ def _imagereward(path: str, o: RewardOptions) -> Reward:
                                              clamp_resized=o.clamp_resized)
 
 
+def _hpsv3(path: str, o: RewardOptions) -> Reward:
+    from .hpsv3 import HPSv3Reward
+
+    return HPSv3Reward.from_pretrained(path, tokenizer=o.tokenizer or None, dtype=o.dtype, divisor=o.divisor,
+                                       clamp_resized=o.clamp_resized)
+
+
+def _mps(path: str, o: RewardOptions) -> Reward:
+    from .mps import MPSReward
+
+    return MPSReward.from_pretrained(path, tokenizer=o.tokenizer or None, dtype=o.dtype, divisor=o.divisor,
+                                     clamp_resized=o.clamp_resized)
+
+
 LOADERS: dict[str, Callable[[str, RewardOptions], Reward]] = {
     "tiny-world": _tiny_world,  # CLIPReward of the tiny world's reward/ directory (cosine)
     "clip": _clip,  # any transformers CLIPModel
@@ -108,6 +122,8 @@ LOADERS: dict[str, Callable[[str, RewardOptions], Reward]] = {
     "aesthetic": _aesthetic,  # LAION aesthetic predictor v2 head on reward.clip_backbone (image-only)
     "aesthetic-v25": _aesthetic_v25,  # Aesthetic Predictor v2.5 head on reward.siglip_backbone (image-only)
     "imagereward": _imagereward,  # ImageReward.pt
+    "hpsv3": _hpsv3,  # HPSv3.safetensors (Qwen2-VL reward model; tokenizer: reward.tokenizer, Qwen2-VL-7B-Instruct)
+    "mps": _mps,  # MPS_overall safetensors / state dict (converted with tools/convert_mps.py)
 }
 REWARD_KINDS = (*LOADERS, "sum")  # sum: a weighted sum of registered kinds (reward.terms)
 
@@ -151,6 +167,12 @@ def _needs(kind: str, path: str, o: RewardOptions, key: str) -> list[Need]:
         return [Need(key, path, "file"), Need("reward.siglip_backbone", o.siglip_backbone, "model", check_siglip_dir)]
     if kind == "imagereward":
         return [Need(key, path, "file"), Need(tok, o.tokenizer or BERT_TOKENIZER, "tokenizer")]
+    if kind in ("hpsv3", "mps"):  # a weights file (hpsv3: or a directory holding one) and the text tokenizer
+        from .hpsv3 import QWEN2_VL_7B
+
+        role = "model" if kind == "hpsv3" and Path(path).expanduser().is_dir() else "file"
+        return [Need(key, path, role), Need(tok, o.tokenizer or (QWEN2_VL_7B if kind == "hpsv3" else LAION_H14),
+                                            "tokenizer")]
     return []  # tiny-world: the shipped world (checked by its own loader); a new kind without needs: none checked
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import Reward
+from .video import is_video, video_reward
 
 REWARD_FORMS = ("official", "paper", "relative", "absolute")
 SELECTIONS = ("round_robin", "random")
@@ -78,8 +79,13 @@ def semantic_relative_reward(reward: Reward, images: torch.Tensor, prompts: list
     """The SRPO reward of decoded images (B,) for prompts, differentiable through the images.
 
     ``swap=True`` exchanges the roles of the positive and negative words (the inversion branch scores
-    ``(1 + k) s(neg) - s(pos)``). The image tower runs once for both phrases.
+    ``(1 + k) s(neg) - s(pos)``). The image tower runs once for both phrases. Videos (B, F, 3, H, W) score every
+    frame and average per video (:mod:`directalign.rewards.video`).
     """
+    if is_video(images):
+        kf = k.repeat_interleave(images.shape[1]) if torch.is_tensor(k) and k.ndim else k  # per-video k -> frames
+        return video_reward(lambda x, p: semantic_relative_reward(reward, x, p, form, kf, positive, negative, swap),
+                            images, prompts)
     state = reward.encode_images(images)
     if form == "absolute":
         return reward.score_texts(state, prompts)

@@ -16,6 +16,12 @@ kind              ``reward.path``                                               
                   from ``reward.siglip_backbone``
 ``imagereward``   ``ImageReward.pt`` (tokenizer: ``reward.tokenizer``, default   (r - mean) / std / divisor
                   bert-base-uncased)
+``hpsv3``         ``HPSv3.safetensors`` (MizzenAI/HPSv3, a Qwen2-VL-7B reward    mu of the head's (mu, sigma) / divisor
+                  model; tokenizer: ``reward.tokenizer``, default
+                  Qwen/Qwen2-VL-7B-Instruct)
+``mps``           MPS overall checkpoint converted by ``tools/convert_mps.py``  logit_scale.exp() * cos(fused image,
+                  (``.safetensors``; tokenizer: ``reward.tokenizer``, default   prompt) / divisor
+                  laion/CLIP-ViT-H-14-laion2B-s32B-b79K)
 ``sum``           ``reward.terms`` (kinds, paths, weights, means, stds)          sum w_i (s_i - mean_i) / std_i
 ================= ============================================================= ======================================
 
@@ -27,6 +33,12 @@ Each kind is one loader in :mod:`directalign.rewards.registry` (``LOADERS``), bu
 ``reward`` config section). ``reward.clamp_resized`` (default true) reaches every kind whose preprocessing resizes:
 true clips the resized image to [0, 1] as the published PIL pipelines do, false keeps the bicubic overshoot as the
 official SRPO code does (HPSv2's published longest-side + pad resize never clamps).
+
+``hpsv3`` (:mod:`directalign.rewards.hpsv3`) runs the published Qwen2-VL reward model on transformers' own classes,
+differentiable in the image (448 x 448 input for square images); ``mps`` (:mod:`directalign.rewards.mps`) is a CLIP
+ViT-H/14 whose image tokens attend to the prompt's tokens that match its preference dimensions. Each kind's default
+SRPO control words (when ``reward.positive_words`` / ``negative_words`` are unset):
+:mod:`directalign.rewards.control_words`.
 
 ``aesthetic-v25`` (:mod:`directalign.rewards.aesthetic_v25`) is the SigLIP-based successor of the LAION predictor
 (``aesthetic``): same kind of MLP head, trained on a wider range of image domains (illustrations too), scores roughly
