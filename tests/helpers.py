@@ -33,6 +33,11 @@ CHEAP = {
     "draft-lv": ["draft.sampling_steps=3", "draft.lv_samples=2"],
     "alignprop": ["alignprop.sampling_steps=3", "alignprop.truncation=uniform", "alignprop.uniform=[0,1]"],
     "grpo": ["grpo.sampling_steps=3", "grpo.group_size=2", "grpo.timestep_fraction=1.0", "train.batch_size=1"],
+    "grpo-fast": ["grpo_fast.sampling_steps=4", "grpo_fast.group_size=2", "grpo_fast.sde_window_size=1",
+                  "grpo_fast.sde_window_range=[0,2]", "train.batch_size=1"],
+    "nft": ["nft.rollout_steps=3", "nft.group_size=2", "nft.timestep_fraction=0.5", "train.batch_size=1"],
+    "dpo": ["dpo.sampler=ode", "dpo.sampling_steps=2", "dpo.group_size=2"],
+    "awm": ["awm.sampling_steps=3", "awm.group_size=2", "awm.train_timesteps=2", "awm.timestep_fraction=1.0"],
 }
 COMMON = ["train.batch_size=2", "train.finetune=lora", "train.lora_rank=4", "train.lora_alpha=8",
           "train.learning_rate=1e-3", "train.grad_clip=1.0", "eval.before=false", "run.progress=false",

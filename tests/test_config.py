@@ -287,7 +287,8 @@ def test_bad_choice_lists_allowed_values(key, method):
 
 
 # fields another field constrains: an allowed value needs a companion setting to be valid as a whole
-_COMPANIONS = {("train.distributed", "fsdp"): ["train.finetune=full"]}
+_COMPANIONS = {("train.distributed", "fsdp"): ["train.finetune=full"],
+               ("dpo.data", "offline"): ["dpo.offline_data=pairs.jsonl"]}
 
 
 @pytest.mark.parametrize("key,method", _CHOICE_CASES, ids=[f"{k}-{m or 'any'}" for k, m in _CHOICE_CASES])

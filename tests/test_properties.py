@@ -299,6 +299,8 @@ def valid_overrides(draw) -> dict:
         out[key] = draw(simple[key])
     if out.get("train.distributed") == "fsdp":  # FSDP shards full fine-tuning only
         out["train.finetune"] = "full"
+    if out.get("dpo.data") == "offline":  # offline DPO reads its pairs from a manifest
+        out["dpo.offline_data"] = draw(paths)
     if METHODS[method].section != "srpo":
         return out
     if draw(st.booleans()):

@@ -165,7 +165,8 @@ def _check_misplaced(merged: dict, method: str) -> None:
             homes = _homes(key, where, method)
             if homes:
                 home = homes[0]
-                example = f" (--set {home}={v})" if isinstance(v, (str, int, float)) and not home.endswith(")") else ""
+                printable = isinstance(v, (int, float)) or (isinstance(v, str) and v.isprintable())
+                example = f" (--set {home}={v})" if printable and not home.endswith(")") else ""
                 section = home.split(" ")[0].rsplit(".", 1)[0]
                 raise ConfigError(f"unknown config key {where!r}; {key} is a key of section {section}: use "
                                   f"{home}{example}")

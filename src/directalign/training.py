@@ -93,7 +93,7 @@ def _evaluate_base(cfg: Config, adapter, reward, eval_prompts, run_dir: Path, lo
         + (f", best-of-{cfg.eval.best_of} {bo:.4f}" if bo is not None else ""))
 
 
-def _resume_from(cfg: Config, run_dir: Path, ids: dict, ft: FineTuning, log) -> int:
+def _resume_from(cfg: Config, run_dir: Path, ids: dict, ft: FineTuning, log, method=None) -> int:
     ckpt_root = run_dir / "checkpoints"
     latest = ckpt.latest_checkpoint(ckpt_root)
     if latest is None:
@@ -108,6 +108,8 @@ def _resume_from(cfg: Config, run_dir: Path, ids: dict, ft: FineTuning, log) -> 
         raise TrainingError(f"--resume: checkpoint {latest.name} was written with a different config; resume "
                             f"with the run's own config ({run_dir / 'config.yaml'}) or start a new run")
     ft.restore(loaded)  # checkpoints hold whole tensors whatever wrote them: any strategy and world size reads them
+    if loaded.get("method") is not None and hasattr(method, "load_state_dict"):  # a method's own cross-step state
+        method.load_state_dict(loaded["method"])
     if ft.info.is_main:
         log(f"resumed from {latest} at step {st['step']}")
     return st["step"]
@@ -171,7 +173,7 @@ def _run(cfg, resume, max_steps_this_session, log, info, device, adapter, reward
 
     ids = identity(cfg, adapter, info.world_size)  # before sharding: the digest reads whole base weights
     ft = FineTuning.setup(cfg.train, adapter, info)
-    start_step = _resume_from(cfg, run_dir, ids, ft, log) if resume else 0
+    start_step = _resume_from(cfg, run_dir, ids, ft, log, method) if resume else 0
     if info.is_main:
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
 

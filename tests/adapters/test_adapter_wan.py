@@ -461,3 +461,29 @@ def test_fsdp_block_names_and_lora_targets_cover_the_transformer():
     names = [n for n, _ in t.named_modules()]
     for target in adapter.lora_target_modules:
         assert sum(n.endswith("." + target) for n in names) >= t.config.num_layers, target
+
+
+@pytest.mark.parametrize("expert", ["high", "low"])
+def test_eval_puts_a_runs_lora_and_transformer_into_the_trained_expert(expert, tmp_path):
+    """``directalign eval`` of a Wan 2.2 run: the exported LoRA and the merged transformer land in the expert that
+    trained (the low-noise one lives in ``transformer_2``), so eval reproduces the run's own sampler."""
+    from directalign.eval.models import apply_lora, apply_transformer
+    from directalign.export import export_weights
+
+    cfg = _cfg([f"model.trainable_expert={expert}"])
+    adapter = _adapter("2.2", expert=expert)
+    apply_finetune_mode(cfg.train, adapter)
+    _randomise_lora_b(adapter.transformer)
+    adapter.transformer.eval()
+    paths = export_weights(cfg, adapter, tmp_path / "export")
+    noise = adapter.noise(2, SIDE, SIDE, torch.Generator().manual_seed(0))
+    ours = rollout(adapter, adapter.encode_prompts(PROMPTS), noise, 4, SHIFT, 1.0, SIDE, SIDE)
+    for apply, arg in ((apply_lora, (paths["lora"], cfg)), (apply_transformer, (paths["transformer"],))):
+        fresh = _adapter("2.2", expert=expert)
+        untouched = {n: p.detach().clone() for n, p in fresh.frozen_expert.named_parameters()}
+        apply(fresh, *arg)
+        got = rollout(fresh, fresh.encode_prompts(PROMPTS), noise, 4, SHIFT, 1.0, SIDE, SIDE)
+        torch.testing.assert_close(got, ours, rtol=1e-4, atol=1e-4)
+        assert {n: p for n, p in fresh.frozen_expert.named_parameters()}.keys() == untouched.keys()
+        for n, p in fresh.frozen_expert.named_parameters():
+            assert torch.equal(p, untouched[n]), (apply.__name__, n)

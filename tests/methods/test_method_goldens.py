@@ -52,8 +52,22 @@ GOLDEN = {
     "grpo": [(0.0, 0.025025371462106705, 0.036515966057777405),
              (0.0, 0.05986263230443001, 0.036341696977615356),
              (8.642673492431641e-07, 0.02704603597521782, 0.03437906876206398)],
+    # GRPO-Fast: 2 optimizer steps per rollout (steps 1-2 share one rollout's reward; step 2 is off-policy)
+    "grpo-fast": [(-0.9880673885345459, 0.02816268987953663, 0.0098483981564641),
+                  (0.9880402684211731, 0.02816268987953663, 0.008637960068881512),
+                  (0.9726135730743408, 0.01586095057427883, 0.013109280727803707)],
+    "nft": [(8.728309631347656, 0.040368154644966125, 0.07753223925828934),
+            (9.62423038482666, 0.06221037358045578, 0.12297187000513077),
+            (7.190839767456055, 0.02134569361805916, 0.12792076170444489)],
+    "dpo": [(0.6931471824645996, 0.06070273742079735, 4.183895111083984),
+            (0.6931098699569702, 0.022823641076683998, 3.9558322429656982),
+            (0.6823675632476807, 0.08369453251361847, 4.475925922393799)],
+    # AWM's loss is mean(A * w(mse)) with group-centred advantages: near zero, pinned with abs 1e-6
+    "awm": [(-0.004329908173531294, 0.05926422402262688, 0.003162406850606203),
+            (-0.004087370820343494, 0.020694969221949577, 0.004613034892827272),
+            (0.0017434440087527037, 0.08193638175725937, 0.0056364452466368675)],
 }
-LOSS_ABS = {"grpo": 1e-5}
+LOSS_ABS = {"grpo": 1e-5, "awm": 1e-6}
 
 # each method's own metrics (StepOutput.metrics), present in every record; tiny_config turns direct-align's inversion
 # branch off
@@ -65,7 +79,17 @@ OWN_KEYS = {
     "draft-lv": {"draft_lv_reward", "draft_lv_sigma"},
     "alignprop": {"alignprop_reward", "alignprop_sigma"},
     "grpo": {"grpo_reward", "grpo_sigma", "grpo_max_ratio_deviation", "grpo_clip_fraction", "grpo_kl",
-             "grpo_zero_std_fraction"},
+             "grpo_zero_std_fraction", "grpo_approx_kl", "grpo_dropped_fraction", "grpo_ratio_mean_high",
+             "grpo_ratio_mean_mid", "grpo_ratio_mean_low", "grpo_rollout_part"},
+    "grpo-fast": {"grpo_reward", "grpo_sigma", "grpo_max_ratio_deviation", "grpo_clip_fraction", "grpo_kl",
+                  "grpo_zero_std_fraction", "grpo_approx_kl", "grpo_dropped_fraction", "grpo_ratio_mean_high",
+                  "grpo_ratio_mean_mid", "grpo_ratio_mean_low", "grpo_rollout_part"},
+    "nft": {"nft_reward", "nft_sigma", "nft_loss_pos", "nft_loss_neg", "nft_kl", "nft_old_deviation",
+            "nft_old_drift", "nft_old_decay", "nft_adv_abs", "nft_zero_std_fraction"},
+    "dpo": {"dpo_accuracy", "dpo_margin", "dpo_w_diff", "dpo_l_diff", "dpo_sigma", "dpo_ref_age", "dpo_reward_gap",
+            "dpo_tie_fraction"},
+    "awm": {"awm_advantage_std", "awm_advantage_abs_mean", "awm_mse", "awm_kl", "awm_ema_kl", "awm_ema_decay",
+            "awm_sigma", "awm_zero_std_fraction"},
 }
 ENGINE_KEYS = {"step", "loss", "reward", "grad_norm", "lr", "step_seconds", "skipped", "nfe_no_grad", "nfe_grad"}
 # AdamW moves a trained weight by about lr (1e-3) per step; weight decay alone (lr * 1e-4 * |w|) moves it < 1e-6

@@ -82,6 +82,11 @@ class PipelineAdapter:
     def transformer(self):
         return self.pipe.transformer
 
+    # The pipeline attribute holding ``transformer`` (a video family with two experts may train the second), and
+    # what ``pipe.load_lora_weights`` needs to put an exported LoRA of it there.
+    transformer_slot = "transformer"
+    lora_load_kwargs: dict = {}
+
     @property
     def vae(self):
         return self.pipe.vae

@@ -98,6 +98,11 @@ class WanAdapter(PipelineAdapter):
         return self.pipe.transformer_2 if self.trainable_expert == "low" else self.pipe.transformer
 
     @property
+    def transformer_slot(self) -> str:
+        """The pipeline attribute holding the trainable expert (where a replacement transformer goes)."""
+        return "transformer_2" if self.trainable_expert == "low" else "transformer"
+
+    @property
     def frozen_expert(self):
         """The expert that does not train (None for Wan 2.1)."""
         if not self.two_experts:

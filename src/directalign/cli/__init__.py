@@ -24,6 +24,7 @@ import sys
 
 from ..errors import UserError
 from . import eval as eval_commands
+from . import plan as plan_commands
 from . import train as train_commands
 from . import world as world_commands
 
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_commands.add_parser(sub)
     world_commands.add_parser(sub)
     eval_commands.add_parsers(sub)
+    plan_commands.add_parser(sub)
     return p
 
 

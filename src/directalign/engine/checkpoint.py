@@ -4,6 +4,8 @@ Layout of ``<run>/checkpoints/step-00000020/``:
 
 * ``trainable.safetensors``: the trainable weights (LoRA adapter or the full transformer);
 * ``ema.safetensors``: EMA weights, when EMA is on;
+* ``method.safetensors``: a method's own tensors that live across steps (its ``state_dict()``: a reference
+  refreshed every K steps, an EMA "old" policy), when it has any;
 * ``optimizer.pt``, ``lr_scheduler.pt``, ``rng.pt``: ``torch.save`` of plain tensors / numbers, loaded with
   ``weights_only=True`` (a file holding any other pickled object is refused, nothing in it runs);
 * ``state.json``: step, data position, config fingerprint, model identity; written last, and then the temporary
@@ -194,7 +196,8 @@ def _write_error(final: Path, root: Path, e: BaseException) -> CheckpointError:
 
 
 def save_checkpoint(root: Path, step: int, trainable: dict[str, torch.Tensor], optimizer, lr_scheduler,
-                    state: dict, ema: dict[str, torch.Tensor] | None = None, keep: int = 2) -> Path:
+                    state: dict, ema: dict[str, torch.Tensor] | None = None, keep: int = 2,
+                    method_state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a checkpoint atomically and prune old ones (never the one just written, so never the only one).
 
     ``optimizer`` is the optimizer or its state dict (FSDP runs pass the unsharded state, numbered like
@@ -205,6 +208,8 @@ def save_checkpoint(root: Path, step: int, trainable: dict[str, torch.Tensor], o
     ema_cpu = {k: v.detach().contiguous().cpu() for k, v in ema.items()} if ema is not None else None
     if ema_cpu is not None:
         _check_finite(ema_cpu, root)  # before the temporary directory exists, so a refusal leaves nothing behind
+    method_cpu = {k: v.detach().contiguous().cpu() for k, v in (method_state or {}).items()}
+    _check_finite(method_cpu, root)
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
     try:
@@ -216,6 +221,8 @@ def save_checkpoint(root: Path, step: int, trainable: dict[str, torch.Tensor], o
         if ema_cpu is not None:
             save_file(ema_cpu, str(tmp / "ema.safetensors"))
             _test_pause()
+        if method_cpu:
+            save_file(method_cpu, str(tmp / "method.safetensors"))
         torch.save(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), tmp / "optimizer.pt")
         _test_pause()
         torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
@@ -283,6 +290,8 @@ def load_checkpoint(path: Path) -> dict:
         }
         ema = path / "ema.safetensors"
         out["ema"] = load_file(str(ema)) if ema.is_file() else None
+        own = path / "method.safetensors"
+        out["method"] = load_file(str(own)) if own.is_file() else None
     except CheckpointError:
         raise
     except Exception as e:  # corrupt files: say which checkpoint, never a raw traceback

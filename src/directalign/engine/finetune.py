@@ -191,8 +191,9 @@ class FineTuning:
         if self.ema is not None and loaded["ema"] is not None:
             self.ema = {n: dist_utils.like_param(loaded["ema"][n], p) for n, p in self.named}
 
-    def save(self, root: Path, step: int, state: dict, keep: int) -> Path | None:
-        """Write a checkpoint of step ``step`` (a collective under FSDP2: every rank gathers, rank 0 writes)."""
+    def save(self, root: Path, step: int, state: dict, keep: int, method_state: dict | None = None) -> Path | None:
+        """Write a checkpoint of step ``step`` (a collective under FSDP2: every rank gathers, rank 0 writes);
+        ``method_state``: the method's own tensors (whole, not sharded), saved as ``method.safetensors``."""
         transformer = self.adapter.transformer
         if self.fsdp:
             weights = dist_utils.full_model_state(transformer)
@@ -203,7 +204,7 @@ class FineTuning:
         path = None
         if self.info.is_main:
             path = ckpt.save_checkpoint(root, step, weights, opt_state, self.scheduler, state, ema=ema_state,
-                                        keep=keep)
+                                        keep=keep, method_state=method_state)
         dist_utils.barrier(self.info)
         return path
 
@@ -218,10 +219,11 @@ class FineTuning:
             transformer = self.adapter.transformer
             weights = dist_utils.full_model_state(transformer)
             if self.info.is_main:
-                self.adapter.pipe.transformer = unsharded(self.plain_class, transformer, weights)
+                setattr(self.adapter.pipe, getattr(self.adapter, "transformer_slot", "transformer"),
+                        unsharded(self.plain_class, transformer, weights))
         else:
             precision.restore_forward(self.adapter.transformer)
         if self.loaded_dtype is not None and self.t.finetune == "full" and self.info.is_main:
             # back to the dtype the model loaded in: evaluation computes as the base model's did, export matches it
-            self.adapter.pipe.transformer.to(self.loaded_dtype)
+            self.adapter.transformer.to(self.loaded_dtype)
         self.adapter.transformer.eval()

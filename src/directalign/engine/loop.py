@@ -60,8 +60,9 @@ class StepLoop:
     def save(self, step_done: int) -> Path | None:
         if self._last_saved == step_done:
             return None
+        own = getattr(self.method, "state_dict", None)  # optional: a method's tensors that live across steps
         path = self.ft.save(self.run_dir / "checkpoints", step_done, self.checkpoint_state(step_done),
-                            self.run_cfg.keep_checkpoints)
+                            self.run_cfg.keep_checkpoints, method_state=own() if own is not None else None)
         self._last_saved = step_done
         return path
 

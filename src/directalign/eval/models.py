@@ -119,7 +119,8 @@ def load_model(ref: ModelRef, cfg):
 def apply_lora(adapter, lora_dir: Path, run_cfg) -> None:
     """Load the LoRA in ``lora_dir`` into the adapter's pipeline, at the run's alpha / rank scale when known."""
     try:
-        adapter.pipe.load_lora_weights(str(lora_dir), adapter_name="directalign")
+        adapter.pipe.load_lora_weights(str(lora_dir), adapter_name="directalign",
+                                       **getattr(adapter, "lora_load_kwargs", {}))  # wan: the low expert's slot
     except (OSError, ValueError, KeyError) as e:
         raise EvalError(f"could not load the LoRA in {str(lora_dir)!r}: {str(e).splitlines()[0]}") from None
     # Older exports hold no alpha, and diffusers then loads alpha = rank; restore the run's alpha / rank scale.
@@ -145,4 +146,5 @@ def apply_transformer(adapter, path: Path) -> None:
         t = cls.from_pretrained(str(path), torch_dtype=adapter.dtype)
     except (OSError, ValueError, TypeError) as e:
         raise EvalError(f"could not load the transformer in {str(path)!r}: {str(e).splitlines()[0]}") from None
-    adapter.pipe.transformer = t.to(adapter.device).requires_grad_(False)
+    slot = getattr(adapter, "transformer_slot", "transformer")  # wan 2.2: the low expert lives in transformer_2
+    setattr(adapter.pipe, slot, t.to(adapter.device).requires_grad_(False))

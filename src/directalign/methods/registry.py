@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import alignprop, draft, grpo, refl, srpo
+from . import alignprop, awm, dpo, draft, grpo, nft, refl, srpo
 from .base import MethodSpec
 
 METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
@@ -13,6 +13,10 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     draft.DRAFT_LV_SPEC,
     alignprop.SPEC,
     grpo.SPEC,
+    grpo.FAST_SPEC,
+    nft.SPEC,
+    dpo.SPEC,
+    awm.SPEC,
 )}
 
 
