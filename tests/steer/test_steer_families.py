@@ -43,3 +43,20 @@ def test_every_steerer_runs_on_the_family(family, name):
         assert bool((res.rewards >= torch.stack(score.history)[0] - 1e-6).all())
     for n, p in adapter.transformer.named_parameters():
         assert torch.equal(p, before[n]), n
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_python_entry_point_steers_a_saved_pipeline_of_the_family(family, tmp_path):
+    """``directalign.steered_sample`` on a saved tiny pipeline directory (the way a user points at a model): the
+    family is read from ``model_index.json``, and the tiny world's reward scores its images."""
+    import directalign as da
+
+    build, _, side, _ = FAMILIES[family]
+    build(0).save_pretrained(tmp_path / family)
+    settings = {"eval.steps": 2, "model.height": side, "model.width": side, "model.max_sequence_length": 16}
+    runs = [da.steered_sample(str(tmp_path / family), ["a red circle"], method="fk", seeds=[0, 1],
+                              reward="tiny-world", options={"n": 2, "lambda": 5.0}, settings=settings)
+            for _ in range(2)]
+    assert runs[0].images.shape == (2, 3, side, side)
+    assert torch.equal(runs[0].images, runs[1].images) and runs[0].extra["reward_spec"] == "tiny-world"
+    assert runs[0].nfe_no_grad == 2 * 2 * 2
