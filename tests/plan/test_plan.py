@@ -17,15 +17,26 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from directalign.adapters.flux2 import Flux2Adapter, Flux2KleinAdapter
 from directalign.adapters.qwen_image import QwenImageAdapter
 from directalign.adapters.sd3 import SD3Adapter
 from directalign.adapters.tiny import tiny_qwen_image_pipeline, tiny_sd3_pipeline
+from directalign.adapters.tiny_flux2 import (
+    DEV_TOKENS,
+    KLEIN_TOKENS,
+    tiny_flux2_klein_pipeline,
+    tiny_flux2_pipeline,
+)
+from directalign.adapters.tiny_wan import tiny_wan_pipeline
+from directalign.adapters.tiny_z_image import tiny_z_image_pipeline
+from directalign.adapters.wan import WanAdapter
+from directalign.adapters.z_image import ZImageAdapter
 from directalign.cli import main
 from directalign.config import load_config, packaged_config
 from directalign.methods.registry import METHODS
 from directalign.plan import measure, probes, work
 from directalign.plan.estimate import GIB, plan, setup_transformer
-from directalign.plan.sources import PlanError, build_meta, model_dir
+from directalign.plan.sources import build_meta, component_config, model_dir
 from directalign.rewards.registry import load_reward
 
 CPU = torch.device("cpu")
@@ -112,6 +123,63 @@ def test_sd3_and_qwen_probes_equal_the_adapters_call(family):
     assert _count(meta) == _count(pipe.transformer)
 
 
+_NEW_FAMILIES = {  # family -> the adapter on its tiny pipeline (the real diffusers classes, tiny configs)
+    "flux2": lambda: Flux2Adapter(tiny_flux2_pipeline(0), DEV_TOKENS),
+    "flux2-klein": lambda: Flux2KleinAdapter(tiny_flux2_klein_pipeline(0), KLEIN_TOKENS),
+    "z-image": lambda: ZImageAdapter(tiny_z_image_pipeline(0), max_sequence_length=64),
+    "wan": lambda: WanAdapter(tiny_wan_pipeline(0), frames=5),
+}
+
+
+@pytest.mark.parametrize("family", sorted(_NEW_FAMILIES))
+def test_flux2_z_image_and_wan_probes_equal_the_adapters_call(family):
+    """The probe's FLOPs on meta modules equal those of the adapter's own velocity call on the real tiny model
+    (one pass: guidance 1; Z-Image's caption is the prompt's unpadded tokens; Wan runs all latent frames)."""
+    adapter = _NEW_FAMILIES[family]()
+    side = 16
+    embeds = adapter.encode_prompts(PROMPTS[:1])
+    x = adapter.noise(1, side, side, torch.Generator().manual_seed(0))
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        adapter.velocity(x, torch.tensor([0.5]), embeds, 1.0, side, side)
+    tokens = int(embeds.mask.sum()) if family == "z-image" else embeds.tokens.shape[1]
+    frames = adapter.latent_frames() if family == "wan" else 1
+    config = {**adapter.transformer.config, "_class_name": type(adapter.transformer).__name__}
+    meta = build_meta(config, torch.float32)
+    shapes = probes.Shapes(1, side, side, adapter.latent_hw(side, side), tokens, frames)
+    with torch.no_grad(), measure.fused_attention(), FlopCounterMode(display=False) as fc_meta:
+        out = probes.TRANSFORMER_PROBES[config["_class_name"]](meta, shapes, torch.float32, torch.device("meta"))
+    assert fc_meta.get_total_flops() == fc.get_total_flops() > 0
+    assert _count(meta) == _count(adapter.transformer)
+    assert out.dim() in (3, 4) and out.shape[0] == 1
+    assert frames == (3 if family == "wan" else 1)  # 5 frames, temporal factor 4
+
+
+# Published transformer sizes (rounded as published): FLUX.2-dev "a 32 billion parameter rectified flow transformer"
+# (black-forest-labs/FLUX.2-dev model card, quoted in leejet/stable-diffusion.cpp issue 1007), FLUX.2-klein base "4B"
+# (the model's name; diffusers scripts/convert_flux2_to_diffusers.py "klein-4b"), Z-Image "6B-parameter" (arXiv
+# 2511.22699), Wan2.1 T2V "14B" and Wan2.2 T2V "A14B" (14B per expert; diffusers scripts/convert_wan_to_diffusers.py
+# "Wan-T2V-14B", "Wan2.2-T2V-A14B"). The tolerance is the published figure's own rounding where that exceeds 2 %.
+PUBLISHED = {
+    "black-forest-labs/FLUX.2-dev": (32e9, 0.02),
+    "black-forest-labs/FLUX.2-klein-base-4B": (4e9, 0.05),
+    "Tongyi-MAI/Z-Image": (6e9, 0.03),
+    "Wan-AI/Wan2.1-T2V-14B-Diffusers": (14e9, 0.025),
+    "Wan-AI/Wan2.2-T2V-A14B-Diffusers": (14e9, 0.025),
+}
+
+
+@pytest.mark.parametrize("hub_id", sorted(PUBLISHED))
+def test_shipped_transformer_configs_have_the_published_size(hub_id):
+    folder = model_dir(hub_id)
+    config = component_config(folder, "transformer")
+    n = _count(build_meta(config, torch.bfloat16))
+    expected, rel = PUBLISHED[hub_id]
+    assert n == pytest.approx(expected, rel=rel)
+    assert config["_class_name"] in probes.TRANSFORMER_PROBES
+    second = component_config(folder, "transformer_2")  # Wan 2.2: a second expert of the same architecture
+    assert (second == config) if "Wan2.2" in hub_id else second is None
+
+
 def _mallinfo():
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -193,12 +261,11 @@ def _shipped():
     return sorted(f.stem for f in packaged_config("tiny-srpo").parent.glob("*.yaml"))
 
 
-def _known(cfg) -> bool:
-    try:
-        model_dir(cfg.model.path)
-    except PlanError:
-        return False
-    return True
+@pytest.mark.parametrize("name", _shipped())
+def test_every_shipped_config_names_a_model_the_planner_knows(name):
+    """Issue 17: ``directalign plan`` answers for every shipped config, not with the one-line unknown-model error."""
+    cfg = load_config(packaged_config(name))
+    assert (model_dir(cfg.model.path) / "transformer" / "config.json").is_file()
 
 
 @pytest.mark.parametrize("name", [n for n in _shipped() if n.startswith("tiny-")])
@@ -214,14 +281,14 @@ def test_every_real_model_config_answers(name):
 
 def _answers(name):
     cfg = load_config(packaged_config(name))
-    if not _known(cfg):  # a family whose config.json files are not shipped yet: a one-line error naming the fix
-        with pytest.raises(PlanError, match="plan-configs"):
-            plan(cfg)
-        return
     p = plan(cfg, config_name=name)
     assert p["flops"]["total"] > p["flops"]["rollout"] >= 0
     assert p["memory_gib"]["total"] > p["memory_gib"]["activations"] > 0
     assert p["params"]["transformer"] > 0 and isinstance(p["gpu"]["fits"], bool)
+    assert all(n > 0 for n in p["params"]["text_encoders"].values()) and p["params"]["text_encoders"]
+    # a second transformer (Wan 2.2's other expert) stays resident in model.dtype; none elsewhere
+    second = 2 * p["params"]["transformer"] if "wan22" in name else 0
+    assert p["memory_gib"]["other_transformer_weights"] * GIB == pytest.approx(second)
     json.dumps(p)
 
 

@@ -38,7 +38,14 @@ from ..adapters.loading import FAMILIES
 from . import probes
 from .gpus import gpu as find_gpu
 from .measure import forward_cost, graph_cost
-from .sources import PlanError, build_meta, components, count_params
+from .sources import (
+    PlanError,
+    build_meta,
+    component_config,
+    components,
+    count_params,
+    pipeline_components,
+)
 from .work import work_of
 
 RESERVE_GB = 2.0
@@ -55,8 +62,21 @@ def lora_targets(train_cfg, family: str, transformer) -> list[str]:
     ``apply_finetune_mode`` chooses them)."""
     from ..engine.finetune import _present_targets
 
-    return list(train_cfg.lora_targets) or _present_targets(transformer, FAMILIES[family].adapter_class()
-                                                            .lora_target_modules)
+    cls = FAMILIES[family].adapter_class()
+    targets = cls.lora_target_modules
+    if isinstance(targets, property):  # computed from the transformer (flux2: each single block's attn.to_out)
+        targets = targets.fget(_AdapterView(cls, transformer))
+    return list(train_cfg.lora_targets) or _present_targets(transformer, targets)
+
+
+class _AdapterView:
+    """What an adapter's ``lora_target_modules`` property reads: the class's attributes and the transformer."""
+
+    def __init__(self, cls, transformer):
+        self._cls, self.transformer = cls, transformer
+
+    def __getattr__(self, name):
+        return getattr(self._cls, name)
 
 
 def setup_transformer(config: dict, train_cfg, family: str, dtype: torch.dtype, finetune: str):
@@ -84,6 +104,14 @@ def blocks(transformer) -> tuple[int, int]:
     lists = [m for m in transformer.children() if isinstance(m, torch.nn.ModuleList)]
     sizes = [count_params(b) for ml in lists for b in ml]
     return (max(sizes) if sizes else count_params(transformer)), count_params(transformer) - sum(sizes)
+
+
+def other_transformers(folder, dtype: torch.dtype) -> int:
+    """Parameters of the pipeline's further transformers (``transformer_2``: Wan 2.2's second expert, frozen and
+    resident for the rollout)."""
+    return sum(count_params(build_meta(component_config(folder, name), dtype))
+               for name in pipeline_components(folder) if name.startswith("transformer_")
+               and component_config(folder, name) is not None)
 
 
 def tokenizer_lengths(folder) -> dict[str, int]:
@@ -159,7 +187,8 @@ def plan(cfg, gpus: int = 1, gpu_name: str = "H100-SXM", config_name: str = "") 
     cfg_ng = _true_cfg(m.family, comp.transformer_config, work.no_grad_guidance)
     cfg_g = _true_cfg(m.family, comp.transformer_config, work.grad_guidance)
     rows = work.graph_rows
-    shapes = probes.Shapes(rows, m.height, m.width, latent_hw, text)
+    frames = probes.latent_frames(getattr(m, "frames", 1), comp.vae_config)
+    shapes = probes.Shapes(rows, m.height, m.width, latent_hw, text, frames)
     device = torch.device("meta")
     if probe is None:
         raise PlanError(f"transformer class {class_name!r} has no planner probe; add one to "
@@ -201,6 +230,7 @@ def plan(cfg, gpus: int = 1, gpu_name: str = "H100-SXM", config_name: str = "") 
     mem["reference_model"] = n_base * b_w if reference else 0.0
     mem["vae_weights"] = count_params(vae) * b_w
     mem["text_encoder_weights"] = sum(texts.values()) * b_w
+    mem["other_transformer_weights"] = other_transformers(comp.folder, weight_dtype) * b_w  # Wan 2.2's other expert
     mem["reward_weights"] = count_params(reward) * _bytes(DTYPES[cfg.reward.dtype]) if reward is not None else 0.0
     chained = 0 if work.method_checkpoint else (work.graph_calls - 1) * g.retained_after_forward
     second_pass = g.retained_after_forward if cfg_g == 2 else 0
@@ -208,6 +238,9 @@ def plan(cfg, gpus: int = 1, gpu_name: str = "H100-SXM", config_name: str = "") 
     mem = {k: v / GIB for k, v in mem.items()}
     mem["reserve"] = RESERVE_GB
     mem["total"] = sum(mem.values())
+    if frames > 1:
+        notes.append(f"video: the transformer runs all {frames} latent frames; the differentiable graph decodes and "
+                     "scores one frame, so the VAE decode and reward of the other frames are not counted")
     if cfg_g == 2:
         notes.append("differentiable calls run true CFG (two passes): activations counted twice")
     if t.finetune == "lora":

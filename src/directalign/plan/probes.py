@@ -1,7 +1,8 @@
 """One call of each model part with the shapes a training step uses, for meta-device FLOP and memory accounting.
 
 * :data:`TRANSFORMER_PROBES` maps a transformer class (its config's ``_class_name``) to a function building the
-  forward's inputs exactly as the family's adapter does (``adapters/flux.py``, ``sd3.py``, ``qwen_image.py``), so a
+  forward's inputs exactly as the family's adapter does (``adapters/flux.py``, ``sd3.py``, ``qwen_image.py``,
+  ``flux2.py``, ``z_image.py``, ``wan.py``), so a
   new family whose transformer reuses a known class (Qwen-Image-Edit, FLUX.1 variants) needs nothing here; a new
   class needs one probe.
 * :data:`FAMILY_PROBES` holds the families whose adapter calls a known class with other inputs (Qwen-Image-Edit
@@ -23,13 +24,15 @@ import torch.nn.functional as F
 @dataclass(frozen=True)
 class Shapes:
     """Sizes of one transformer call: ``rows`` images of ``height`` x ``width`` with ``text_tokens`` text tokens;
-    ``latent_hw`` is the VAE latent's size (H / VAE factor)."""
+    ``latent_hw`` is the VAE latent's size (H / VAE factor); ``frames`` the latent frames of a video model (Wan:
+    ``(frames - 1) / temporal factor + 1``; 1 for images)."""
 
     rows: int
     height: int
     width: int
     latent_hw: tuple[int, int]
     text_tokens: int
+    frames: int = 1
 
 
 def _full(shape, like: torch.Tensor, value: float = 0.0) -> torch.Tensor:
@@ -84,6 +87,44 @@ def _qwen_image_edit(transformer, s: Shapes, dtype: torch.dtype, device, conditi
     return out[:, :tokens]
 
 
+def _flux2(transformer, s: Shapes, dtype: torch.dtype, device) -> torch.Tensor:
+    """Flux2Adapter._forward: packed tokens (B, (h/2)(w/2), 4C), 4-axis position ids without a batch axis
+    (``adapters/flux2.image_ids`` / ``text_ids``), the guidance scale only where the model embeds it (FLUX.2-dev;
+    klein runs true CFG instead)."""
+    c = transformer.config
+    h, w = s.latent_hw
+    tokens = (h // 2) * (w // 2)
+    x = torch.zeros(s.rows, tokens, c.in_channels, device=device, dtype=dtype)
+    g = torch.full((s.rows,), 4.0, device=device) if c.guidance_embeds else None
+    return transformer(hidden_states=x, timestep=_full((s.rows,), x, 0.5), guidance=g,
+                       encoder_hidden_states=_full((s.rows, s.text_tokens, c.joint_attention_dim), x),
+                       txt_ids=torch.zeros(s.text_tokens, 4, device=device, dtype=torch.long),
+                       img_ids=torch.zeros(tokens, 4, device=device, dtype=torch.long), return_dict=False)[0]
+
+
+def _z_image(transformer, s: Shapes, dtype: torch.dtype, device) -> torch.Tensor:
+    """ZImageAdapter._forward: one (C, 1, h, w) latent and one (tokens, cap_feat_dim) caption per row (lists),
+    the outputs stacked back to (B, C, h, w). ``text_tokens`` is an upper bound here: the adapter drops the padding."""
+    c = transformer.config
+    h, w = s.latent_hw
+    x = torch.zeros(s.rows, c.in_channels, 1, h, w, device=device, dtype=dtype)
+    caps = [torch.zeros(s.text_tokens, c.cap_feat_dim, device=device, dtype=dtype) for _ in range(s.rows)]
+    out = transformer(list(x.unbind(0)), _full((s.rows,), x, 0.5), caps, return_dict=False)[0]
+    return torch.stack(list(out)).squeeze(2)
+
+
+def _wan(transformer, s: Shapes, dtype: torch.dtype, device) -> torch.Tensor:
+    """WanAdapter._forward: 5-D latents (B, C, frames, h, w) (the transformer patchifies them itself), timestep
+    ``sigma * 1000``, UMT5 tokens. Returns the first latent frame (B, C, h, w): the graph decodes and scores one
+    frame (see ``estimate``'s note: the other frames' decodes are not counted)."""
+    c = transformer.config
+    h, w = s.latent_hw
+    x = torch.zeros(s.rows, c.in_channels, s.frames, h, w, device=device, dtype=dtype)
+    out = transformer(hidden_states=x, timestep=_full((s.rows,), x, 500.0),
+                      encoder_hidden_states=_full((s.rows, s.text_tokens, c.text_dim), x), return_dict=False)[0]
+    return out[:, :, 0]
+
+
 # A family whose adapter calls a known transformer class differently (model.family -> probe): checked first.
 FAMILY_PROBES = {"qwen-image-edit": _qwen_image_edit, "qwen-image-edit-plus": _qwen_image_edit}
 
@@ -91,7 +132,18 @@ TRANSFORMER_PROBES = {
     "FluxTransformer2DModel": _flux,
     "SD3Transformer2DModel": _sd3,
     "QwenImageTransformer2DModel": _qwen_image,
+    "Flux2Transformer2DModel": _flux2,
+    "ZImageTransformer2DModel": _z_image,
+    "WanTransformer3DModel": _wan,
 }
+
+
+def latent_frames(frames: int, vae_config: dict) -> int:
+    """Latent frames of ``frames`` video frames for a causal video VAE (``temperal_downsample``: the temporal
+    factor is 2 per True level, 4 for Wan's ``[False, True, True]``); 1 for image VAEs or ``frames <= 1``."""
+    levels = vae_config.get("temperal_downsample") or []
+    factor = 2 ** sum(bool(v) for v in levels)
+    return 1 if frames <= 1 or not levels else (frames - 1) // factor + 1
 
 
 def text_tokens(family: str, max_sequence_length: int, tokenizer_lengths: dict[str, int]) -> int:

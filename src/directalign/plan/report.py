@@ -29,6 +29,7 @@ MEMORY_ROWS = (
     ("reference_model", "GRPO reference model"),
     ("vae_weights", "VAE weights"),
     ("text_encoder_weights", "text encoder weights"),
+    ("other_transformer_weights", "other transformer (frozen)"),
     ("reward_weights", "reward weights"),
     ("activations", "activations (peak)"),
     ("reserve", "CUDA context / workspaces"),
