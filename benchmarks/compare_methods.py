@@ -1,11 +1,13 @@
 """Every alignment method on the tiny world through the same engine: a table like the SRPO paper's Table 1 and a plot
 of held-out reward against the number of model evaluations (NFE).
 
-    python benchmarks/compare_methods.py                       # 7 methods x 3 seeds, about 42 min (as documented)
+    python benchmarks/compare_methods.py                       # every method x 3 seeds in a 42-minute budget
+    python benchmarks/compare_methods.py --quick               # SRPO, GRPO, NFT, DPO, AWM, 1 seed, 15 minutes
     python benchmarks/compare_methods.py --plan-only           # calibrate, print the planned steps and time, stop
     python benchmarks/compare_methods.py --methods srpo,grpo --seeds 1 --steps all=20
 
-Methods: SRPO, plain Direct-Align, ReFL, DRaFT-K, DRaFT-LV, AlignProp, DanceGRPO, each from its shipped
+Methods: every registered method with a ``tiny-<method>.yaml`` (SRPO, Direct-Align, ReFL, DRaFT-K, DRaFT-LV,
+AlignProp, DanceGRPO, Flow-GRPO-Fast, DiffusionNFT, Diffusion-DPO, AWM), each from its shipped
 ``configs/tiny-<method>.yaml`` (same LoRA, optimiser and evaluation settings), each trained by
 :func:`directalign.training.train` and evaluated by :func:`directalign.eval.heldout.evaluate`.
 
@@ -68,8 +70,10 @@ def _registered_methods() -> tuple[str, ...]:
 
 # Every registered method that ships a tiny-world config (tiny-<method>.yaml) takes part.
 METHODS = tuple(m for m in _registered_methods() if config_file(m).is_file())
+QUICK_METHODS = ("srpo", "grpo", "nft", "dpo", "awm")  # one of each family of objectives
 LABELS = {"srpo": "SRPO", "direct-align": "Direct-Align", "refl": "ReFL", "draft-k": "DRaFT-K",
-          "draft-lv": "DRaFT-LV", "alignprop": "AlignProp", "grpo": "DanceGRPO"}  # display names; default: the name
+          "draft-lv": "DRaFT-LV", "alignprop": "AlignProp", "grpo": "DanceGRPO", "grpo-fast": "Flow-GRPO-Fast",
+          "nft": "DiffusionNFT", "dpo": "Diffusion-DPO (online)", "awm": "AWM"}  # display names; default: the name
 METRIC_KEYS = ("reward", "relative", "own_objective", "fidelity", "textured_share", "dark_share", "saturation",
                "brightness", "colourfulness", "hf_energy", "diversity_pixel")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "compare_methods"
@@ -432,10 +436,16 @@ def parse_args(argv=None):
     p.add_argument("--in-process", action="store_true",
                    help="run everything in this process (faster start; peak memory is then the whole process's)")
     p.add_argument("--plan-only", action="store_true", help="measure, print the plan and the time estimate, stop")
+    p.add_argument("--quick", action="store_true",
+                   help=f"a 15-minute subset: {', '.join(QUICK_METHODS)}, 1 seed, 2 evaluation points (overrides "
+                        "--methods, --seeds, --budget-minutes and --eval-points)")
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.methods, args.seeds, args.budget_minutes, args.eval_points = ",".join(QUICK_METHODS), 1, 15.0, 2
+    return args
 
 
 def main(argv=None, log=print) -> dict | None:

@@ -241,10 +241,10 @@ def test_grpo_kl_reference_is_a_frozen_copy_with_full_finetuning(random_world):
             v_ref = adapter.velocity(x, s, e, 3.5, 32, 32)
     assert not torch.allclose(v_base, v_moved)
     torch.testing.assert_close(v_ref, v_base, rtol=0, atol=0)
-    assert adapter.transformer is not m._reference
+    assert adapter.transformer is not m._base.copy
     r = run_step(m, 0, PROMPTS[:1], 4)
     assert r.metrics["grpo_kl"] > 0
-    assert all(p.grad is None for p in m._reference.parameters())
+    assert all(p.grad is None for p in m._base.copy.parameters())
 
 
 # ------------------------------------------------------------------------------------- engine: change + resume

@@ -54,8 +54,6 @@ the trained transitions in each third of the schedule, high noise first; 1 where
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import random
 from dataclasses import dataclass
 
@@ -84,6 +82,7 @@ from .grpo_math import (  # noqa: F401
     transition_kl,
     zero_std_fraction,
 )
+from .matching import BaseReference
 
 BUCKETS = ("high", "mid", "low")
 
@@ -116,31 +115,15 @@ class GRPO:
         self.g = g = cfg.method_section
         self.sigmas = schedule(g.sampling_steps, cfg.sampling.shift)
         self.score = RewardScorer(cfg, reward)
-        self._reference = None
         self._buffer: dict | None = None  # the rollout whose later parts are still to train
-        if g.kl_beta > 0 and cfg.train.finetune == "full":
-            # the engine builds the method before fine-tuning starts or a checkpoint is loaded: these are the base
-            # weights (a second copy of the transformer in memory)
-            self._reference = copy.deepcopy(adapter.transformer).requires_grad_(False).eval()
+        # the engine builds the method before fine-tuning starts or a checkpoint is loaded: a full fine-tuning's copy
+        # holds the base weights (a second transformer in memory, made only when the KL needs it)
+        self._base = BaseReference(adapter, full=g.kl_beta > 0 and cfg.train.finetune == "full")
 
     # ------------------------------------------------------------------------------------------ pieces
-    @contextlib.contextmanager
     def reference_model(self):
         """Within the block the adapter's transformer is the base model (LoRA off, or the frozen copy)."""
-        if self._reference is not None:
-            pipe = self.adapter.pipe
-            trained = pipe.transformer
-            pipe.transformer = self._reference
-            try:
-                yield
-            finally:
-                pipe.transformer = trained
-        else:
-            self.adapter.transformer.disable_adapters()
-            try:
-                yield
-            finally:
-                self.adapter.transformer.enable_adapters()
+        return self._base.active()
 
     @property
     def guidance(self) -> float | None:

@@ -71,13 +71,15 @@ class BaseReference:
 
     @contextlib.contextmanager
     def active(self):
+        """Within the block the adapter's transformer is the base model."""
         if self.copy is not None:
-            pipe = self.adapter.pipe
-            trained, pipe.transformer = pipe.transformer, self.copy
+            pipe, slot = self.adapter.pipe, getattr(self.adapter, "transformer_slot", "transformer")
+            trained = getattr(pipe, slot)
+            setattr(pipe, slot, self.copy)
             try:
                 yield
             finally:
-                pipe.transformer = trained
+                setattr(pipe, slot, trained)
         else:
             self.adapter.transformer.disable_adapters()
             try:

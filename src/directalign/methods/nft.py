@@ -51,7 +51,6 @@ float32 with the float64 weights cast to it (the code divides in float64).
 from __future__ import annotations
 
 import contextlib
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +61,7 @@ from ..engine.context import StepContext, StepOutput
 from ..errors import TrainingError
 from .base import Backward, BranchResult, MethodSpec, step_output
 from .common import RewardScorer, schedule, step_noise, velocity_fn
+from .matching import BaseReference
 from .sampling import rollout
 
 WEIGHT_MIN = 1e-5  # the code's .clip(min=0.00001) of the adaptive weights
@@ -183,10 +183,9 @@ class NFT:
         n = cfg.nft
         self.sigmas = schedule(n.rollout_steps, cfg.sampling.shift)
         self.score = RewardScorer(cfg, reward)
-        self._reference = None
-        if n.kl_beta > 0 and cfg.train.finetune == "full":
-            # built before fine-tuning starts or a checkpoint loads: the base weights (a second transformer copy)
-            self._reference = copy.deepcopy(adapter.transformer).requires_grad_(False).eval()
+        # built before fine-tuning starts or a checkpoint loads: a full fine-tuning's copy holds the base weights (a
+        # second transformer in memory, made only when the KL needs it)
+        self._base = BaseReference(adapter, full=n.kl_beta > 0 and cfg.train.finetune == "full")
         self._old: dict[str, torch.Tensor] | None = None  # the old policy's copy of the trainable weights
         self._old_step = -1  # the step whose old-policy update has been applied
 
@@ -244,22 +243,9 @@ class NFT:
 
     @contextlib.contextmanager
     def reference_model(self):
-        """Within the block the adapter's transformer is the base model (LoRA off, or the frozen copy)."""
-        if self._reference is not None:
-            pipe = self.adapter.pipe
-            trained, pipe.transformer = pipe.transformer, self._reference
-            try:
-                with torch.no_grad():
-                    yield
-            finally:
-                pipe.transformer = trained
-        else:
-            self.adapter.transformer.disable_adapters()
-            try:
-                with torch.no_grad():
-                    yield
-            finally:
-                self.adapter.transformer.enable_adapters()
+        """Within the block the adapter's transformer is the base model (LoRA off, or the frozen copy), no grad."""
+        with self._base.active(), torch.no_grad():
+            yield
 
     # ------------------------------------------------------------------------------------------ pieces
     def initial_noise(self, noise: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
