@@ -27,6 +27,11 @@ class Method(Protocol):
     one share's activations are alive at a time); the engine then reduces gradients, clips and steps the optimizer.
     ``nfe(batch)`` is the number of transformer evaluations per optimizer step and process for ``batch`` prompts,
     without and with gradient: ``{"nfe_no_grad": ..., "nfe_grad": ...}`` (an expectation where the recipe draws it).
+
+    Optional: a method whose tensors live across steps (a rollout reused for several optimizer steps, an EMA "old"
+    policy, a reference refreshed every K steps) defines ``state_dict() -> {name: tensor}`` and
+    ``load_state_dict(state)``; the engine saves the state in every checkpoint (``method.safetensors``) and hands it
+    back on ``--resume``, so a resumed run continues bit for bit.
     """
 
     def train_step(self, ctx: StepContext, backward: Backward) -> StepOutput: ...
