@@ -164,7 +164,7 @@ def sample_group(adapter, embeds, noise: torch.Tensor, steps: int, shift: float,
     @ac4c86e do)."""
     if sampler == "ode":
         return rollout(adapter, embeds, noise, steps, shift, guidance, height, width)
-    from .grpo import sde_step  # the SDE transition GRPO trains on
+    from .grpo_math import sde_step  # the SDE transition GRPO trains on
 
     sig = schedule(steps, shift)
     inner = velocity_fn(adapter, embeds, guidance, height, width)

@@ -1,6 +1,6 @@
 """The stochastic sampler the particle and noise-optimisation steerers share.
 
-The reverse-time SDE of :mod:`directalign.methods.grpo` (Flow-GRPO's, ``grpo.sde_step``) with the schedule of
+The reverse-time SDE of :mod:`directalign.methods.grpo_math` (Flow-GRPO's, ``sde_step``) with the schedule of
 :func:`directalign.flow.sigma_schedule`: ``steps - 1`` Euler-Maruyama transitions ``x' = mean + std * z`` followed by
 the deterministic clean prediction ``x0 = x - sigma * v`` at the last sigma (as the GRPO rollout ends). With
 ``eta = 0`` every transition is an Euler step of the probability-flow ODE, so the sampler is the plain ODE sampler.
@@ -17,7 +17,7 @@ import hashlib
 import torch
 
 from .. import flow
-from ..methods.grpo import sde_step
+from ..methods.grpo_math import sde_step
 from .base import SteerSettings
 
 
