@@ -29,6 +29,7 @@ from ..engine.context import STREAM_NOISE, PromptSampler, StepContext, StepOutpu
 from ..rewards.relative import ControlWords, semantic_relative_reward
 from .base import Backward, BranchResult, MethodSpec, step_output
 from .losses import reward_loss
+from .rollout_buffer import Rollout, RolloutBuffer
 from .sampling import rollout
 
 log = logging.getLogger("directalign")
@@ -61,6 +62,7 @@ class SRPOConfig:
     hinge_threshold: float = 0.7
     quantize_timestep: int = 1000  # official int(sigma*1000)/1000; 0 = off
     samples_per_rollout: int = 1  # Direct-Align draws per branch from one rollout
+    rollout_reuse: int = 1  # optimizer steps fed by one online rollout, each at its own window draw (1 = official)
     offline_data: str = ""  # folder of images with captions (or a jsonl manifest); empty = online
     offline_until_step: int = -1  # switch to online rollouts at this step; -1 = offline for the whole run
 
@@ -84,6 +86,7 @@ class SRPOConfig:
         need(self.multiplicative_shift > 0, f"srpo.multiplicative_shift: must be > 0, got {self.multiplicative_shift}")
         need(self.quantize_timestep >= 0, f"srpo.quantize_timestep: must be >= 0, got {self.quantize_timestep}")
         need(self.samples_per_rollout >= 1, f"srpo.samples_per_rollout: must be >= 1, got {self.samples_per_rollout}")
+        need(self.rollout_reuse >= 1, f"srpo.rollout_reuse: must be >= 1, got {self.rollout_reuse}")
         need(self.offline_until_step >= -1, f"srpo.offline_until_step: must be >= -1, got {self.offline_until_step}")
 
 
@@ -116,6 +119,8 @@ class SRPO:
         self.offline = load_offline(s.offline_data, cfg.model.height, cfg.model.width) if s.offline_data else None
         if self.offline is not None:
             log.info("offline mode: %d real images from %s", len(self.offline), s.offline_data)
+        self.buffer = RolloutBuffer(s.rollout_reuse)
+        self._device = getattr(adapter, "device", torch.device("cpu"))
 
     # ------------------------------------------------------------------------------------------------ pieces
     def clean_latents(self, embeds: PromptEmbeds, noise: torch.Tensor) -> torch.Tensor:
@@ -183,9 +188,13 @@ class SRPO:
         s = self.cfg.srpo
         prompts, x0, noise, fresh_noise = self.step_inputs(ctx)
         generator = ctx.generator(shared=s.share_window_across_ranks)  # window positions
+        reused = self.buffer.get(ctx.step) if x0 is None else None
+        if reused is not None:  # srpo.rollout_reuse: this step trains on the last rollout's pair at a new window
+            prompts, x0, noise = reused.prompts, reused.x0, reused.noise
         embeds = self.adapter.encode_prompts(prompts)
         if x0 is None:
             x0 = self.clean_latents(embeds, noise)
+            self.buffer.put(Rollout(ctx.step, prompts, x0, noise))
         if s.noise_prior == "fresh" and fresh_noise is not None:
             noise = fresh_noise.to(noise)
         words = self.control.pick(ctx.step, ctx.python_rng()) if self.form != "absolute" else ("", "")
@@ -204,8 +213,19 @@ class SRPO:
         """Model evaluations per optimizer step (per process): rollout without grad, Direct-Align with grad."""
         s = self.cfg.srpo
         branches = int(s.denoise_branch) + int(s.inversion_branch)
-        rollout_nfe = 0 if self.offline is not None and s.offline_until_step < 0 else s.rollout_steps * batch
+        online = self.offline is None or s.offline_until_step >= 0
+        # one rollout feeds rollout_reuse steps: its forwards are spread over them (exact over whole periods)
+        rollout_nfe = s.rollout_steps * batch / s.rollout_reuse if online else 0
         return {"nfe_no_grad": rollout_nfe, "nfe_grad": branches * s.samples_per_rollout * batch}
+
+    # ------------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The rollout held for reuse (``srpo.rollout_reuse`` > 1), so a resume between rollouts is exact."""
+        return self.buffer.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        self.buffer.load_state_dict(state, rank, self._device)
 
 
 SRPO_SPEC = MethodSpec("srpo", "srpo", SRPOConfig, SRPO,

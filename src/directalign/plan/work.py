@@ -38,8 +38,10 @@ def _srpo(cfg, b: int) -> Work:
     s = cfg.srpo
     branches = int(s.denoise_branch) + int(s.inversion_branch)
     offline = bool(s.offline_data) and s.offline_until_step < 0
-    return Work(0 if offline else s.rollout_steps * b, branches * s.samples_per_rollout * b, s.rollout_guidance,
-                s.train_guidance, b, note=f"{branches} branch(es) x {s.samples_per_rollout} draw(s), one backward each")
+    reuse = f", one rollout per {s.rollout_reuse} updates" if s.rollout_reuse > 1 else ""
+    return Work(0 if offline else s.rollout_steps * b / s.rollout_reuse, branches * s.samples_per_rollout * b,
+                s.rollout_guidance, s.train_guidance, b,
+                note=f"{branches} branch(es) x {s.samples_per_rollout} draw(s), one backward each{reuse}")
 
 
 def _refl(cfg, b: int) -> Work:
