@@ -60,7 +60,7 @@ def quiet(*_a, **_k):
 
 def build_parts(cfg, finetune: bool = True, perturb_lora: bool = True):
     """(adapter, reward, method, trainable params) of ``cfg`` on the CPU, as training builds them. With
-    ``perturb_lora`` lora_B gets small random values (peft starts it at zero, which zeroes every lora_A gradient)."""
+    ``perturb_lora`` lora_B gets small random values (:func:`randomise_lora_b`)."""
     device = torch.device("cpu")
     adapter = load_adapter(cfg.model, device, DTYPES[cfg.model.dtype])
     spec = METHODS[cfg.method]
@@ -71,12 +71,20 @@ def build_parts(cfg, finetune: bool = True, perturb_lora: bool = True):
         torch.manual_seed(0)
         params = apply_finetune_mode(cfg.train, adapter)
         if cfg.train.finetune == "lora" and perturb_lora:
-            g = torch.Generator().manual_seed(1)
-            with torch.no_grad():
-                for n, p in adapter.transformer.named_parameters():
-                    if "lora_B" in n:
-                        p.copy_(0.05 * torch.randn(p.shape, generator=g))
+            randomise_lora_b(adapter.transformer)
     return adapter, reward, method, params
+
+
+def randomise_lora_b(module, seed: int = 1) -> None:
+    """Give every ``lora_B`` of ``module`` small random values (0.05 * N(0, 1), from a generator seeded ``seed``).
+
+    peft zero-initialises lora_B, so a fresh LoRA leaves the model's output unchanged and every lora_A gradient is
+    0; after this both factors train and the LoRA changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in module.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
 
 
 def context(step: int = 0, prompts=PROMPTS, seed: int = 3, rank: int = 0, world_size: int = 1) -> StepContext:

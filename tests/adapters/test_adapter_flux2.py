@@ -13,7 +13,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import record_branches, run_step, tiny_config
+from helpers import randomise_lora_b, record_branches, run_step, tiny_config
 
 from directalign import flow
 from directalign.adapters import flux2
@@ -54,15 +54,6 @@ def _pipe(family: str):
 def _adapter(family: str):
     _, cls, seq = SPECS[family]
     return cls(_pipe(family), max_sequence_length=seq)
-
-
-def _randomise_lora_b(transformer, seed=1):
-    """peft zero-initialises lora_B (every lora_A gradient is then 0); give B values so both factors train."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in transformer.named_parameters():
-            if "lora_B" in n:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
 
 
 def _cfg(family: str, extra=()):
@@ -174,7 +165,7 @@ def _setup(family, extra=()):
     method = spec.build(cfg, adapter, reward)  # before fine-tuning, as training builds it
     torch.manual_seed(0)
     params = apply_finetune_mode(cfg.train, adapter)
-    _randomise_lora_b(adapter.transformer)
+    randomise_lora_b(adapter.transformer)
     return cfg, adapter, reward, method, params
 
 
@@ -236,7 +227,7 @@ def test_exported_lora_and_merged_transformer_reload_into_the_pipeline(family, t
     adapter = _adapter(family)
     cfg = _cfg(family)
     apply_finetune_mode(cfg.train, adapter)
-    _randomise_lora_b(adapter.transformer)
+    randomise_lora_b(adapter.transformer)
     adapter.transformer.eval()
     paths = export_weights(cfg, adapter, tmp_path / "export")
     x = adapter.noise(1, SIDE, SIDE, torch.Generator().manual_seed(0))

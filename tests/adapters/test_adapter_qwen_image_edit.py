@@ -20,7 +20,7 @@ import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as plus_module
 import numpy as np
 import pytest
 import torch
-from helpers import record_branches, run_step, tiny_config
+from helpers import randomise_lora_b, record_branches, run_step, tiny_config
 from PIL import Image
 
 from directalign import source_images
@@ -150,11 +150,7 @@ def _setup(cfg, adapter):
     method = spec.build(cfg, adapter, reward)
     torch.manual_seed(0)
     params = apply_finetune_mode(cfg.train, adapter)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # peft starts lora_B at 0 (every lora_A gradient 0): give both factors a signal
-        for n, p in adapter.transformer.named_parameters():
-            if "lora_B" in n:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    randomise_lora_b(adapter.transformer)  # peft starts lora_B at 0: give both factors a signal
     return reward, method, params
 
 

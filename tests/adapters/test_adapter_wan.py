@@ -14,7 +14,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import record_branches, run_step, tiny_config
+from helpers import randomise_lora_b, record_branches, run_step, tiny_config
 
 from directalign import flow, metrics
 from directalign.adapters.loading import FAMILIES, load_adapter
@@ -55,14 +55,6 @@ def _pipeline(adapter, noise, steps, guidance, output_type="latent", guidance_2=
         return pipe(PROMPTS, **kwargs).frames
     finally:
         del pipe.scheduler.set_timesteps
-
-
-def _randomise_lora_b(module, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in module.named_parameters():
-            if "lora_B" in n:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
 
 
 # ---------------------------------------------------------------------------------------------------- rollout
@@ -208,7 +200,7 @@ def test_srpo_step_on_video_trains_the_chosen_experts_lora_only(version, expert,
     method = spec.build(cfg, adapter, reward)
     torch.manual_seed(0)
     params = apply_finetune_mode(cfg.train, adapter)
-    _randomise_lora_b(adapter.transformer)
+    randomise_lora_b(adapter.transformer)
     trained = adapter.transformer
     assert trained is (adapter.pipe.transformer_2 if expert == "low" else adapter.pipe.transformer)
     frozen = [adapter.vae, adapter.pipe.text_encoder, reward] + ([adapter.frozen_expert] if version == "2.2" else [])
@@ -246,7 +238,7 @@ def test_baselines_train_on_video_unchanged(method, random_world):
     m = spec.build(cfg, adapter, reward)
     torch.manual_seed(0)
     params = apply_finetune_mode(cfg.train, adapter)
-    _randomise_lora_b(adapter.transformer)
+    randomise_lora_b(adapter.transformer)
     vae = _snapshot(adapter.vae)
     out = run_step(m, 0, PROMPTS, 3)
     assert np.isfinite(out.loss) and all(np.isfinite(v) for v in out.metrics.values())
@@ -261,7 +253,7 @@ def test_exported_lora_loads_back_into_wan_pipeline(version, expert, tmp_path):
     cfg = _cfg([f"model.trainable_expert={expert}"])
     adapter = _adapter(version, expert=expert)
     apply_finetune_mode(cfg.train, adapter)
-    _randomise_lora_b(adapter.transformer)
+    randomise_lora_b(adapter.transformer)
     adapter.transformer.eval()
     paths = export_weights(cfg, adapter, tmp_path / "export")
     noise = adapter.noise(2, SIDE, SIDE, torch.Generator().manual_seed(0))
@@ -438,7 +430,7 @@ def _step_grads(extra, random_world):
     method = spec.build(cfg, adapter, reward)
     torch.manual_seed(0)
     apply_finetune_mode(cfg.train, adapter)
-    _randomise_lora_b(adapter.transformer)
+    randomise_lora_b(adapter.transformer)
     run_step(method, 1, PROMPTS, 9)
     return adapter, {n: p.grad.clone() for n, p in adapter.transformer.named_parameters() if p.grad is not None}
 
@@ -473,7 +465,7 @@ def test_eval_puts_a_runs_lora_and_transformer_into_the_trained_expert(expert, t
     cfg = _cfg([f"model.trainable_expert={expert}"])
     adapter = _adapter("2.2", expert=expert)
     apply_finetune_mode(cfg.train, adapter)
-    _randomise_lora_b(adapter.transformer)
+    randomise_lora_b(adapter.transformer)
     adapter.transformer.eval()
     paths = export_weights(cfg, adapter, tmp_path / "export")
     noise = adapter.noise(2, SIDE, SIDE, torch.Generator().manual_seed(0))

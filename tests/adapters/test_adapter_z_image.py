@@ -15,7 +15,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import record_branches, run_step, tiny_config
+from helpers import randomise_lora_b, record_branches, run_step, tiny_config
 
 from directalign import flow
 from directalign.adapters.loading import (
@@ -46,15 +46,6 @@ def _adapter(seed: int = 0, **kwargs) -> ZImageAdapter:
 def _cfg(extra=()):
     return tiny_config("srpo", "model.family=z-image", f"model.height={SIDE}", f"model.width={SIDE}",
                        "srpo.hinge_threshold=5.0", "srpo.quantize_timestep=0", *extra)
-
-
-def _randomise_lora_b(transformer, seed=1):
-    """peft zero-initialises lora_B (every lora_A gradient is then 0); give B values so both factors train."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in transformer.named_parameters():
-            if "lora_B" in n:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
 
 
 def _pipeline(pipe, adapter, noise, steps, guidance, output_type="latent"):
@@ -171,7 +162,7 @@ def _setup(random_world, extra=()):
     method = spec.build(cfg, adapter, reward)  # before fine-tuning, as training builds it
     torch.manual_seed(0)
     params = apply_finetune_mode(cfg.train, adapter)
-    _randomise_lora_b(adapter.transformer)
+    randomise_lora_b(adapter.transformer)
     return cfg, adapter, reward, method, params
 
 
@@ -250,7 +241,7 @@ def test_exported_lora_and_merged_transformer_load_into_the_pipeline(tmp_path):
     adapter = _adapter()
     cfg = _cfg()
     apply_finetune_mode(cfg.train, adapter)
-    _randomise_lora_b(adapter.transformer)
+    randomise_lora_b(adapter.transformer)
     adapter.transformer.eval()
     paths = export_weights(cfg, adapter, tmp_path / "export")
     noise = adapter.noise(2, SIDE, SIDE, torch.Generator().manual_seed(0))

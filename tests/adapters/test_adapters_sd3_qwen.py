@@ -13,7 +13,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import record_branches, run_step, tiny_config
+from helpers import randomise_lora_b, record_branches, run_step, tiny_config
 
 from directalign import flow
 from directalign.adapters.loading import FAMILIES, load_adapter
@@ -51,15 +51,6 @@ def _cfg(family: str, side: int, extra=()):
 def _load(cfg):
     """``load_adapter`` of ``cfg.model`` on the CPU."""
     return load_adapter(cfg.model, torch.device("cpu"), DTYPES[cfg.model.dtype])
-
-
-def _randomise_lora_b(transformer, seed=1):
-    """peft zero-initialises lora_B (every lora_A gradient is then 0); give B values so both factors train."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in transformer.named_parameters():
-            if "lora_B" in n:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
 
 
 def _pipeline_latents(adapter, family, noise, steps, guidance, side, output_type="latent"):
@@ -154,7 +145,7 @@ def _setup(family, random_world, extra=(), finetune=True):
         torch.manual_seed(0)
         params = apply_finetune_mode(cfg.train, adapter)
         if cfg.train.finetune == "lora":
-            _randomise_lora_b(adapter.transformer)
+            randomise_lora_b(adapter.transformer)
     return cfg, adapter, reward, method, params
 
 
@@ -239,7 +230,7 @@ def test_exported_lora_reloads_into_a_fresh_pipeline(family, tmp_path):
     adapter, side = _adapter(family)
     cfg = _cfg(family, side)
     apply_finetune_mode(cfg.train, adapter)
-    _randomise_lora_b(adapter.transformer)
+    randomise_lora_b(adapter.transformer)
     adapter.transformer.eval()
     paths = export_weights(cfg, adapter, tmp_path / "export")
     x = adapter.noise(1, side, side, torch.Generator().manual_seed(0))

@@ -56,7 +56,7 @@ def test_one_rollout_feeds_reuse_steps_at_new_window_draws(random_world, monkeyp
     denoise = [p for p in pairs if p[0] == "denoise"]
     assert len(denoise) == 4
     x0_0, noise_0 = rollouts[0][1], rollouts[0][0]
-    for name, x0, noise, prompts, _ in denoise[:3]:
+    for _name, x0, noise, prompts, _ in denoise[:3]:
         assert torch.equal(x0, x0_0) and torch.equal(noise, noise_0)
         assert prompts == PROMPTS  # the rollout's own prompts, not the step's
     assert torch.equal(denoise[3][1], rollouts[1][1]) and not torch.equal(denoise[3][1], x0_0)

@@ -3,6 +3,7 @@ against plain sampling, hand-computed maxima and the closed forms of their costs
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -19,6 +20,7 @@ from directalign.steer.base import options_of
 from directalign.steer.best_of_n import BestOfNOptions, candidate_seed
 from directalign.steer.noise_search import NoiseSearchOptions, perturb
 from directalign.steer.registry import STEERERS
+from directalign.steer.run import steer_with
 
 SEEDS = [3, 7]
 
@@ -79,6 +81,33 @@ def test_best_of_n_keeps_the_max_and_counts_its_costs(world):
     steps, k = cfg.eval.steps, len(prompts)
     assert res.nfe_no_grad == steps * n * k == STEERERS["best-of-n"].nfe(k, s) == sum(ticks)
     assert res.nfe_grad == 0 and res.reward_calls == n * k == score.calls and res.seconds > 0
+
+
+def test_steer_with_leaves_the_callers_settings_alone_and_ticks_its_bar(world, monkeypatch):
+    adapter, cfg = world
+    prompts, seeds = slots()
+    ticks = []
+
+    class Bar:  # stands in for the tqdm bar: records what the steerer reports
+        def __init__(self, total, *a, **k):
+            self.total = total
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, k):
+            ticks.append(k)
+
+    monkeypatch.setattr("directalign.progress.bar", Bar)
+    s = SteerSettings.from_config(cfg, BestOfNOptions(2))
+    before = dataclasses.replace(s)
+    res = steer_with("best-of-n", adapter, Brightness(), "train", prompts, seeds, s, progress=False, label="t")
+    assert s.on_step is None and s == before  # the caller's object is untouched (it may be reused for another run)
+    assert sum(ticks) == res.nfe_no_grad == STEERERS["best-of-n"].nfe(len(prompts), s) > 0
+    assert res.extra["reward_spec"] == "train" and res.extra["options"] == {"n": 2}
 
 
 def test_perturbation_keeps_unit_variance():

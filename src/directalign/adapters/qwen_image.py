@@ -11,7 +11,8 @@
   ``v = v_cfg * |v_cond| / |v_cfg|`` (per token, over channels). The official SRPO Qwen code rolls out with true
   CFG 4.0 and trains with ``train_cfg = 1`` (no CFG in the differentiable step).
 * Prompt embeddings are cached per prompt (unpadded) and padded per batch, with the mask, in ``encode_prompts``.
-  ``set_prompt_embeds`` accepts precomputed embeddings, so a run can proceed with the text encoder never loaded.
+  ``set_prompt_embeds`` accepts precomputed embeddings, so a run can proceed with the text encoder never loaded
+  (both from :class:`.prompt_cache.MaskedPromptCache`, shared with Z-Image).
 
 Differences from the official SRPO Qwen code (srpo-method-notes 2.6): ``decode`` clamps to [0, 1] as the pipeline's
 postprocessing does; the official code min-max normalises each image instead.
@@ -19,43 +20,13 @@ postprocessing does; the official code min-max normalises each image instead.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from .base import PipelineAdapter
+from .prompt_cache import MaskedPromptCache, MaskedPromptEmbeds
 
 
-@dataclass
-class MaskedPromptEmbeds:
-    """Text conditioning of a batch: token embeddings (B, L, D) and their padding mask (B, L), 1 = real token."""
-
-    tokens: torch.Tensor
-    mask: torch.Tensor
-
-    def __getitem__(self, index) -> "MaskedPromptEmbeds":
-        return MaskedPromptEmbeds(self.tokens[index], self.mask[index])
-
-    @staticmethod
-    def cat(items: list["MaskedPromptEmbeds"]) -> "MaskedPromptEmbeds":
-        """Concatenate along the batch, right-padding every item to the longest sequence (mask 0 on padding)."""
-        length = max(e.tokens.shape[1] for e in items)
-
-        def pad(t, value=0):
-            extra = length - t.shape[1]
-            if not extra:
-                return t
-            shape = (t.shape[0], extra, *t.shape[2:])
-            return torch.cat([t, t.new_full(shape, value)], dim=1)
-
-        return MaskedPromptEmbeds(torch.cat([pad(e.tokens) for e in items]), torch.cat([pad(e.mask) for e in items]))
-
-    def to(self, *args, **kwargs) -> "MaskedPromptEmbeds":
-        tokens = self.tokens.to(*args, **kwargs)
-        return MaskedPromptEmbeds(tokens, self.mask.to(tokens.device))
-
-
-class QwenImageAdapter(PipelineAdapter):
+class QwenImageAdapter(MaskedPromptCache, PipelineAdapter):
     family = "qwen-image"
     pipeline_class = "QwenImagePipeline"
     # Joint attention and both streams' feed-forward layers of every QwenImageTransformerBlock.
@@ -71,32 +42,12 @@ class QwenImageAdapter(PipelineAdapter):
         self.decode_checkpointing = False
 
     # ---------------------------------------------------------------------------------------------- text
-    def set_prompt_embeds(self, embeds: dict[str, torch.Tensor]) -> None:
-        """Precomputed embeddings ``{prompt: (L, D) or (1, L, D)}`` (unpadded; e.g. from ``pipe.encode_prompt`` on
-        another machine). Prompts found here never touch the text encoder; include ``negative_prompt`` for CFG."""
-        for prompt, t in embeds.items():
-            t = t if t.ndim == 3 else t[None]
-            self._cache[prompt] = MaskedPromptEmbeds(t, torch.ones(t.shape[:2], dtype=torch.long, device=t.device))
-
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> MaskedPromptEmbeds:
-        """Prompt embeddings through the pipeline's own template and encoder, cached per prompt string."""
-        missing = sorted({p for p in prompts if p not in self._cache})
-        if missing:
-            if self.pipe.text_encoder is None:
-                raise RuntimeError(f"no text encoder loaded and no precomputed embeddings for {missing[0]!r}; "
-                                   "call set_prompt_embeds first")
-            tokens, mask = self.pipe.encode_prompt(missing, device=self.device,
-                                                   max_sequence_length=self.max_sequence_length)
-            for i, p in enumerate(missing):
-                n = int(mask[i].sum()) if mask is not None else tokens.shape[1]
-                t = tokens[i : i + 1, :n]
-                self._cache[p] = MaskedPromptEmbeds(t, torch.ones((1, n), dtype=torch.long, device=t.device))
-        return MaskedPromptEmbeds.cat([self._cache[p] for p in prompts])
-
-    def unload_text_encoders(self) -> None:
-        if self.pipe.text_encoder is not None:
-            self.pipe.text_encoder.cpu()
+    def _encode_unpadded(self, prompts: list[str]) -> list[torch.Tensor]:
+        """``QwenImagePipeline.encode_prompt`` (its template and Qwen2.5-VL encoder), cut to each prompt's mask."""
+        tokens, mask = self.pipe.encode_prompt(prompts, device=self.device,
+                                               max_sequence_length=self.max_sequence_length)
+        lengths = [int(m.sum()) for m in mask] if mask is not None else [tokens.shape[1]] * len(prompts)
+        return [tokens[i : i + 1, :n] for i, n in enumerate(lengths)]
 
     # ---------------------------------------------------------------------------------------------- latents
     def _channels(self) -> int:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from .base import PipelineAdapter
-from .qwen_image import MaskedPromptEmbeds
+from .prompt_cache import MaskedPromptCache, MaskedPromptEmbeds
 
 
 def z_image_timestep(sigma: torch.Tensor) -> torch.Tensor:
@@ -55,7 +55,7 @@ def guided_velocity(pos: torch.Tensor, neg: torch.Tensor, guidance: float, norma
     return pred
 
 
-class ZImageAdapter(PipelineAdapter):
+class ZImageAdapter(MaskedPromptCache, PipelineAdapter):
     family = "z-image"
     pipeline_class = "ZImagePipeline"
     # Attention (q, k, v, out) and the SwiGLU feed-forward of every ZImageTransformerBlock: the main ``layers``, the
@@ -75,32 +75,13 @@ class ZImageAdapter(PipelineAdapter):
         self._cache: dict[str, MaskedPromptEmbeds] = {}
 
     # ---------------------------------------------------------------------------------------------- text
-    def set_prompt_embeds(self, embeds: dict[str, torch.Tensor]) -> None:
-        """Precomputed embeddings ``{prompt: (L, D) or (1, L, D)}`` of the real tokens (as ``pipe.encode_prompt``
-        returns them). Prompts found here never touch the text encoder; include ``negative_prompt`` for CFG."""
-        for prompt, t in embeds.items():
-            t = t if t.ndim == 3 else t[None]
-            self._cache[prompt] = MaskedPromptEmbeds(t, torch.ones(t.shape[:2], dtype=torch.long, device=t.device))
-
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> MaskedPromptEmbeds:
-        """Prompt embeddings through the pipeline's chat template and Qwen3 encoder, cached per prompt string."""
-        missing = sorted({p for p in prompts if p not in self._cache})
-        if missing:
-            if self.pipe.text_encoder is None:
-                raise RuntimeError(f"no text encoder loaded and no precomputed embeddings for {missing[0]!r}; "
-                                   "call set_prompt_embeds first")
-            # _encode_prompt templates its argument in place: hand it a copy
-            embeds = self.pipe._encode_prompt(list(missing), device=self.device,
-                                              max_sequence_length=self.max_sequence_length)
-            for p, t in zip(missing, embeds):
-                self._cache[p] = MaskedPromptEmbeds(t[None], torch.ones((1, t.shape[0]), dtype=torch.long,
-                                                                        device=t.device))
-        return MaskedPromptEmbeds.cat([self._cache[p] for p in prompts])
-
-    def unload_text_encoders(self) -> None:
-        if self.pipe.text_encoder is not None:
-            self.pipe.text_encoder.cpu()
+    def _encode_unpadded(self, prompts: list[str]) -> list[torch.Tensor]:
+        """``ZImagePipeline._encode_prompt`` (its chat template and Qwen3 encoder): the real tokens of each prompt.
+        Prompt embeddings are cached per prompt string and padded per batch by :class:`MaskedPromptCache`."""
+        # _encode_prompt templates its argument in place: hand it a copy
+        embeds = self.pipe._encode_prompt(list(prompts), device=self.device,
+                                          max_sequence_length=self.max_sequence_length)
+        return [t[None] for t in embeds]
 
     # ---------------------------------------------------------------------------------------------- latents
     def noise(self, batch: int, height: int, width: int, generator: torch.Generator) -> torch.Tensor:

@@ -43,25 +43,31 @@ from .base import (
     seed_noise,
 )
 from .noise_opt import frozen, optimise_noise
+from .options import (
+    NoiseOptimisationOptions,
+    check_eta,
+    eta_option,
+    grad_clip_option,
+    iterations_option,
+    lr_option,
+)
 from .sde import sde_sample, step_noises, sub_seed
 
 
 @dataclass
-class DNOOptions:
-    iterations: int = option(100, "optimisation steps (iterations + 1 images per slot; 0: plain sampling)")
-    lr: float = option(0.01, "learning rate (reno: SGD with Nesterov momentum 0.9; dno: AdamW)")
-    grad_clip: float = option(1.0, "clip each slot's gradient to this norm (0: off)")
+class DNOOptions(NoiseOptimisationOptions):
+    iterations: int = iterations_option(100)
+    lr: float = lr_option(0.01)
+    grad_clip: float = grad_clip_option(1.0)
     gamma: float = option(1.0, "weight of the probability regulariser (0: off)")
-    eta: float = option(1.0, "noise level a of the SDE sampler: std = a sqrt(s/(1-s)) sqrt(-ds) (0: the ODE)")
+    eta: float = eta_option(1.0)
     block: int = option(4, "entries per row of the probability regulariser's split")
     permutations: int = option(100, "random shuffles the probability regulariser averages over")
 
     def validate(self) -> None:
-        check(self.iterations >= 0, "iterations", f"must be 0 or more, got {self.iterations}", self)
-        check(self.lr > 0, "lr", f"must be > 0, got {self.lr}", self)
-        check(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}", self)
+        super().validate()
         check(self.gamma >= 0, "gamma", f"must be >= 0, got {self.gamma}", self)
-        check(self.eta >= 0, "eta", f"must be >= 0, got {self.eta}", self)
+        check_eta(self)
         check(self.block >= 1, "block", f"must be at least 1, got {self.block}", self)
         check(self.permutations >= 0, "permutations", f"must be 0 or more, got {self.permutations}", self)
 

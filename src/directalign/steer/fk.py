@@ -47,6 +47,7 @@ from .base import (
     seed_noise,
 )
 from .best_of_n import candidate_seed
+from .options import check_eta, eta_option
 from .sde import clean_prediction, step_noises, sub_seed, transition, velocity_at
 
 POTENTIALS = ("max", "add", "diff")
@@ -64,7 +65,7 @@ class FKOptions:
     resample_start: float = option(0.2, "first resampling step, as a fraction of the steps")
     resample_end: float = option(0.8, "last resampling step, as a fraction of the steps")
     resample_every: float = option(0.2, "resampling interval, as a fraction of the steps")
-    eta: float = option(0.7, "noise level a of the SDE sampler: std = a sqrt(s/(1-s)) sqrt(-ds) (0: the ODE)")
+    eta: float = eta_option(0.7)
 
     def validate(self) -> None:
         check(self.n >= 1, "n", f"must be at least 1, got {self.n}", self)
@@ -76,7 +77,7 @@ class FKOptions:
         check(self.resample_start <= self.resample_end, "resample_end",
               f"must be >= --steer-resample-start ({self.resample_start}), got {self.resample_end}", self)
         check(0 < self.resample_every <= 1, "resample_every", f"must lie in (0, 1], got {self.resample_every}", self)
-        check(self.eta >= 0, "eta", f"must be >= 0, got {self.eta}", self)
+        check_eta(self)
 
 
 def resampling_steps(steps: int, start: float, end: float, every: float) -> list[int]:

@@ -38,21 +38,25 @@ from .base import (
     seed_noise,
 )
 from .noise_opt import frozen, optimise_noise
+from .options import (
+    NoiseOptimisationOptions,
+    grad_clip_option,
+    iterations_option,
+    lr_option,
+)
 from .sde import sde_sample
 
 
 @dataclass
-class ReNOOptions:
-    iterations: int = option(50, "optimisation steps (iterations + 1 images per slot; 0: plain sampling)")
-    lr: float = option(5.0, "learning rate (reno: SGD with Nesterov momentum 0.9; dno: AdamW)")
-    grad_clip: float = option(0.1, "clip each slot's gradient to this norm (0: off)")
+class ReNOOptions(NoiseOptimisationOptions):
+    iterations: int = iterations_option(50)
+    lr: float = lr_option(5.0)
+    grad_clip: float = grad_clip_option(0.1)
     reg: float = option(0.01, "weight of the noise-norm prior")
     gen_steps: int = option(0, "ODE steps of the generation being differentiated (0: the sampling steps)")
 
     def validate(self) -> None:
-        check(self.iterations >= 0, "iterations", f"must be 0 or more, got {self.iterations}", self)
-        check(self.lr > 0, "lr", f"must be > 0, got {self.lr}", self)
-        check(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}", self)
+        super().validate()
         check(self.reg >= 0, "reg", f"must be >= 0, got {self.reg}", self)
         check(self.gen_steps >= 0, "gen_steps", f"must be >= 0, got {self.gen_steps}", self)
 

@@ -52,15 +52,14 @@ def reward_function(spec: str, cfg, trained: bool):
 def steer_with(name: str, adapter, score_fn, spec: str, prompts: list[str], seeds: list[int], s: SteerSettings,
                progress: bool, label: str):
     """Run steerer ``name`` with settings ``s`` under a progress bar over its NFE; the result records the reward
-    spec and the options."""
+    spec and the options. The run uses a copy of ``s`` whose ``on_step`` ticks the bar: ``s`` itself is unchanged."""
     from ..progress import bar
     from .registry import STEERERS
 
     steerer = STEERERS[name]
     with bar(steerer.nfe(len(prompts), s), f"{label}: {name}", progress, unit="NFE",
              postfix=f"{len(prompts)} images") as b:
-        s.on_step = b.update
-        result = steerer.run(adapter, score_fn, prompts, seeds, s)
+        result = steerer.run(adapter, score_fn, prompts, seeds, dataclasses.replace(s, on_step=b.update))
     result.extra["reward_spec"] = spec
     result.extra["options"] = options_record(s.options)
     return result
