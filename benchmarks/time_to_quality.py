@@ -26,8 +26,10 @@ base's minus ``--fidelity-tolerance``, one image's worth of the judge by default
 settings do lose it on the tiny world), with fidelity at least that point's minus the tolerance. Time to quality of
 an arm: the training seconds (the engine's step times: rollout, branches, optimizer; evaluation and checkpoints
 excluded) at which it first meets both, the gain linearly interpolated between the two evaluation points around the
-crossing. The other arms stop at the target, or at ``--cap-factor`` x the official arm's time (then they are slower
-than it: no ratio). The ratio is an arm's time over the official arm's.
+crossing. The other arms are evaluated more often (every cap / ``--points-to-target`` seconds) and stop at the
+target, when they overshoot it (the gain reached with the fidelity fallen more than 0.1 below the target's: on the
+tiny world fidelity does not come back), or at ``--cap-factor`` x the official arm's time (then they are slower than
+it: no ratio). The ratio is an arm's time over the official arm's.
 
 Outputs under ``--out`` (default ``benchmarks/results/time_to_quality``): ``results.json`` (machine, every
 evaluation point of every arm and seed), ``table.md`` and ``gain_vs_seconds.svg`` / ``fidelity_vs_seconds.svg``.
@@ -56,6 +58,7 @@ OFFICIAL = ["train.batch_size=1", "srpo.rollout_steps=25", "srpo.samples_per_rol
 ARMS: dict[str, list[str]] = {
     "official": OFFICIAL,
     "b1-r16": OFFICIAL + ["srpo.rollout_steps=16"],
+    "b1-r16-reuse2": OFFICIAL + ["srpo.rollout_steps=16", "srpo.rollout_reuse=2"],
     "b1-r16-reuse4": OFFICIAL + ["srpo.rollout_steps=16", "srpo.rollout_reuse=4"],
     "b1-r8-reuse4": OFFICIAL + ["srpo.rollout_steps=8", "srpo.rollout_reuse=4"],
     "b8-r16": OFFICIAL + ["train.batch_size=8", "srpo.rollout_steps=16"],
@@ -65,6 +68,7 @@ ARMS: dict[str, list[str]] = {
                                         "train.learning_rate=6e-5"],
 }
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "time_to_quality"
+COLLAPSE = 0.1  # fidelity this far below the target's, with the gain reached: the arm overshot
 STEP_CAP = 1_000_000  # train.steps of every session: never reached, so every session is a partial one
 
 
@@ -113,7 +117,9 @@ def time_to_reach(points: list[dict], base_relative: float, gain: float, fidelit
 def run_arm(name: str, overrides: list[str], seed: int, workdir: Path, eval_seeds: list[int], interval: float,
             budget: float, stop: tuple[float, float, float] | None, log=print) -> dict:
     """Train one arm in sessions ending every ``interval`` training seconds; evaluate after each. ``stop``:
-    (gain, fidelity, base relative) at which to stop early."""
+    (gain, fidelity, base relative): stop when a point meets it ("target"), or when the gain is there but the
+    fidelity has fallen more than ``COLLAPSE`` below the target's ("overshot": the tiny world's fidelity does not come
+    back once lost); otherwise at ``budget`` ("cap")."""
     from directalign.engine.finetune import resolve_device
     from directalign.eval.heldout import held_out_form
     from directalign.logging_utils import read_metrics
@@ -125,7 +131,7 @@ def run_arm(name: str, overrides: list[str], seed: int, workdir: Path, eval_seed
     cfg = run_config("srpo", seed, STEP_CAP, run_dir, eval_seeds, overrides)
     prompts = load_prompts(cfg.eval.prompts)
     reward = load_reward(cfg.reward, resolve_device(cfg.model.device), held_out_form(cfg)[0])
-    points, done, seconds, t0 = [], 0, 0.0, time.time()
+    points, done, seconds, t0, reason = [], 0, 0.0, time.time(), "cap"
     while seconds < budget:
         k = next_session_steps(seconds, done, min(budget, (len(points) + 1) * interval))
         result = train(cfg, resume=done > 0, overwrite=done == 0, max_steps_this_session=k, log=_quiet)
@@ -139,9 +145,14 @@ def run_arm(name: str, overrides: list[str], seed: int, workdir: Path, eval_seed
         log(f"  {name} seed {seed}: step {done}, {seconds:.0f} s, relative {point['relative']:+.4f}, fidelity "
             f"{point['fidelity']:.4f}")
         if stop is not None and meets(point, *stop):
+            reason = "target"
+            break
+        if stop is not None and point["relative"] - stop[2] >= stop[0] and point["fidelity"] < stop[1] - COLLAPSE:
+            reason = "overshot"
             break
     shutil.rmtree(run_dir, ignore_errors=True)
-    return {"arm": name, "seed": seed, "overrides": overrides, "points": points, "wall_seconds": time.time() - t0}
+    return {"arm": name, "seed": seed, "overrides": overrides, "points": points, "stopped": reason,
+            "wall_seconds": time.time() - t0}
 
 
 def base_point(workdir: Path, eval_seeds: list[int], shared: list[str]) -> dict:
@@ -178,7 +189,7 @@ def summarise(report: dict) -> dict:
                      "end_gain": statistics.mean(p["relative"] - base_rel for p in last),
                      "end_fidelity": statistics.mean(p["fidelity"] for p in last),
                      "seconds_per_step": statistics.mean(p["train_seconds"] / p["step"] for p in last),
-                     "steps": [p["step"] for p in last]}
+                     "steps": [p["step"] for p in last], "stopped": [r.get("stopped", "cap") for r in runs]}
     return out
 
 
@@ -193,16 +204,18 @@ def markdown(report: dict) -> str:
              f"Target (the official arm's best point within {report['budget']:.0f} s of training that kept the base's "
              f"fidelity, mean over seeds): relative gain >= {tgt['gain']:.4f} with fidelity >= {tgt['fidelity']:.4f} "
              f"(that point's {tgt['official_fidelity']:.4f} minus {report['fidelity_tolerance']:.4f}). Other arms "
-             f"stop at the target or after {report['cap_seconds']:.0f} s.", "",
-             "| Arm | Overrides | s/step | Steps | Time to target (s) | Ratio to official | End gain | End fidelity |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             f"stop at the target, when they overshoot it (gain reached, fidelity more than {COLLAPSE} below the "
+             f"target's) or after {report['cap_seconds']:.0f} s; they are evaluated every "
+             f"{report['other_interval']:.1f} s of training, the official arm every {report['interval']:.0f} s.", "",
+             "| Arm | Overrides | s/step | Steps | Time to target (s) | Ratio to official | End gain | End fidelity "
+             "| Stopped |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for name, row in s.items():
         t, ratio = row["mean_seconds"], row["ratio_to_official"]
         times = ", ".join("-" if x is None else f"{x:.0f}" for x in row["times"])
         lines.append(f"| {name} | `{' '.join(ARMS.get(name, []))}` | {row['seconds_per_step']:.3f} | "
                      f"{'/'.join(map(str, row['steps']))} | {times if t is None else f'{t:.0f} ({times})'} | "
                      f"{'-' if ratio is None else f'{ratio:.2f}'} | "
-                     f"{row['end_gain']:+.4f} | {row['end_fidelity']:.4f} |")
+                     f"{row['end_gain']:+.4f} | {row['end_fidelity']:.4f} | {', '.join(row['stopped'])} |")
     lines += ["", "Time: training seconds (the engine's step times), evaluation and checkpoints excluded; crossing "
               "interpolated between evaluation points. '-': not reached within the budget.", "",
               "![relative gain against training seconds](gain_vs_seconds.svg)", "",
@@ -223,10 +236,13 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ", ".join(ARMS)
                    + " (official always runs: it sets the target)")
-    p.add_argument("--budget", type=float, default=180.0, help="training seconds of the official arm (default 180)")
+    p.add_argument("--budget", type=float, default=150.0, help="training seconds of the official arm (default 150)")
     p.add_argument("--cap-factor", type=float, default=1.2,
                    help="the other arms stop at this multiple of the official arm's time to the target (default 1.2)")
-    p.add_argument("--interval", type=float, default=15.0, help="training seconds between evaluations (default 15)")
+    p.add_argument("--interval", type=float, default=10.0,
+                   help="training seconds between evaluations of the official arm (default 10)")
+    p.add_argument("--points-to-target", type=int, default=12,
+                   help="other arms: an evaluation every cap / this many seconds, if more often (default 12)")
     p.add_argument("--seeds", type=int, default=1, help="training seeds 42, 43, ... (default 1)")
     p.add_argument("--eval-seeds", default="0,1,2,3", help="noise seeds of the held-out evaluation")
     p.add_argument("--fidelity-tolerance", type=float, default=None,
@@ -240,8 +256,8 @@ def parse_args(argv=None):
     if unknown:
         raise SystemExit(f"--arms: unknown {unknown}; choose from {', '.join(ARMS)}")
     args.arms = ["official"] + [a for a in arms if a != "official"]
-    if args.budget <= 0 or args.interval <= 0 or args.seeds < 1 or args.cap_factor <= 0:
-        raise SystemExit("--budget, --cap-factor, --interval and --seeds must be positive")
+    if args.budget <= 0 or args.interval <= 0 or args.seeds < 1 or args.cap_factor <= 0 or args.points_to_target < 1:
+        raise SystemExit("--budget, --cap-factor, --interval, --points-to-target and --seeds must be positive")
     return args
 
 
@@ -270,10 +286,12 @@ def main(argv=None, log=print) -> dict:
                           for r in runs["official"]]
         reached = [t for t in official_times if t is not None]
         cap = min(args.budget, args.cap_factor * statistics.mean(reached)) if reached else args.budget
+        # faster arms cross the target (and, on the tiny world, overshoot it) sooner: evaluate them more often
+        fine = min(args.interval, cap / args.points_to_target)
         log(f"target: relative gain {target['gain']:.4f}, fidelity >= {target['fidelity']:.4f}; official time "
             f"{official_times}; other arms capped at {cap:.0f} s")
         for arm in args.arms[1:]:
-            runs[arm] = [run_arm(arm, args.set + ARMS[arm], s, workdir, eval_seeds, args.interval, cap, stop, log)
+            runs[arm] = [run_arm(arm, args.set + ARMS[arm], s, workdir, eval_seeds, fine, cap, stop, log)
                          for s in seeds]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -285,6 +303,7 @@ def main(argv=None, log=print) -> dict:
               "seeds": seeds,
               "fidelity_tolerance": tol, "base": base, "target": target, "arms": {a: ARMS[a] for a in args.arms},
               "official_times": official_times, "cap_seconds": cap,
+              "other_interval": fine,
               "runs": runs}
     report["summary"] = summarise(report)
     report["total_seconds"] = time.time() - t_start
