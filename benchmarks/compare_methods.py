@@ -139,6 +139,7 @@ def evaluate_point(adapter, reward, cfg, prompts: list[str]) -> dict:
     out = {
         "reward": float(scores["score"].mean()),
         "relative": float(scores["relative"].mean()),
+        "relative_se": float(scores["relative"].std() / math.sqrt(scores["relative"].numel())),  # standard error
         "own_objective": float(res.reward),
         "fidelity": sum(named) / len(named) if named else None,
         "textured_share": judge.get("textured_share"),

@@ -23,7 +23,8 @@ judge's fidelity (mean of foreground, background and shape accuracy).
 Quality target: the best held-out relative gain over the base that the official arm reaches within its
 ``--budget`` seconds of training *without losing fidelity* (at evaluation points whose fidelity is at least the
 base's minus ``--fidelity-tolerance``, one image's worth of the judge by default; trained longer, the official
-settings do lose it on the tiny world), with fidelity at least that point's minus the tolerance. Time to quality of
+settings do lose it on the tiny world), less one standard error of that point's mean relative metric (closer gains
+are the same to this evaluation), with fidelity at least that point's minus the tolerance. Time to quality of
 an arm: the training seconds (the engine's step times: rollout, branches, optimizer; evaluation and checkpoints
 excluded) at which it first meets both, the gain linearly interpolated between the two evaluation points around the
 crossing. The other arms are evaluated more often (every cap / ``--points-to-target`` seconds) and stop at the
@@ -87,11 +88,13 @@ def next_session_steps(train_seconds: float, steps_done: int, target_seconds: fl
 
 
 def official_target(points: list[dict], base_relative: float, base_fidelity: float, tol: float) -> tuple[float, float]:
-    """(gain, fidelity) of the official arm's best point that kept the base's fidelity (within ``tol``): the highest
-    relative gain among points with fidelity >= base - tol (the first point when none did)."""
+    """(gain, fidelity) the other arms must reach: the official arm's best point that kept the base's fidelity
+    (the highest relative gain among points with fidelity >= base - ``tol``; the first point when none did), its
+    gain less one standard error of that point's mean relative metric (``relative_se``: gains closer than that are
+    the same to this evaluation) and its fidelity."""
     kept = [p for p in points if p["fidelity"] >= base_fidelity - tol] or points[:1]
     best = max(kept, key=lambda p: p["relative"])
-    return best["relative"] - base_relative, best["fidelity"]
+    return best["relative"] - best.get("relative_se", 0.0) - base_relative, best["fidelity"]
 
 
 def meets(point: dict, gain: float, fidelity: float, base_relative: float) -> bool:

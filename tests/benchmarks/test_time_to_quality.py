@@ -44,6 +44,9 @@ def test_target_is_the_best_point_that_kept_fidelity(ttq):
     # base relative -0.2, fidelity 0.96, tolerance 0.01: the 0.3-gain point lost fidelity (0.80), so 0.2 is the best
     pts = _pts((10, -0.1, 0.97), (20, 0.0, 0.955), (30, 0.1, 0.80))
     assert ttq.official_target(pts, -0.2, 0.96, 0.01) == (pytest.approx(0.2), 0.955)
+    # one standard error of the best point's mean is taken off its gain
+    with_se = [dict(p, relative_se=0.02) for p in pts]
+    assert ttq.official_target(with_se, -0.2, 0.96, 0.01) == (pytest.approx(0.18), 0.955)
     # none kept it: the first point
     assert ttq.official_target(_pts((10, 0.1, 0.5)), -0.2, 0.96, 0.01) == (pytest.approx(0.3), 0.5)
 
@@ -88,3 +91,4 @@ def test_tiny_end_to_end_writes_the_table_and_json(ttq, random_world, tmp_path):
     gain, fid = ttq.official_target(data["runs"]["official"][0]["points"], data["base"]["relative"],
                                     data["base"]["fidelity"], data["fidelity_tolerance"])
     assert report["target"]["gain"] == pytest.approx(gain) and report["target"]["official_fidelity"] == fid
+    assert all(p["relative_se"] > 0 for p in data["runs"]["official"][0]["points"])
