@@ -40,15 +40,11 @@ def test_fidelity_must_hold_at_the_crossing(ttq):
     assert ttq.time_to_reach(_pts((10, -0.1, 0.99)), -0.2, 0.2, 0.95) is None  # never enough gain
 
 
-def test_target_is_the_best_point_that_kept_fidelity(ttq):
-    # base relative -0.2, fidelity 0.96, tolerance 0.01: the 0.3-gain point lost fidelity (0.80), so 0.2 is the best
+def test_best_gain_counts_only_points_that_kept_fidelity(ttq):
+    # base relative -0.2, floor 0.95: the 0.3-gain point lost fidelity (0.80), so 0.2 is the best
     pts = _pts((10, -0.1, 0.97), (20, 0.0, 0.955), (30, 0.1, 0.80))
-    assert ttq.official_target(pts, -0.2, 0.96, 0.01) == (pytest.approx(0.2), 0.955)
-    # one standard error of the best point's mean is taken off its gain
-    with_se = [dict(p, relative_se=0.02) for p in pts]
-    assert ttq.official_target(with_se, -0.2, 0.96, 0.01) == (pytest.approx(0.18), 0.955)
-    # none kept it: the first point
-    assert ttq.official_target(_pts((10, 0.1, 0.5)), -0.2, 0.96, 0.01) == (pytest.approx(0.3), 0.5)
+    assert ttq.best_kept_gain(pts, -0.2, 0.95) == pytest.approx(0.2)
+    assert ttq.best_kept_gain(_pts((10, 0.1, 0.5)), -0.2, 0.95) == 0.0  # none kept it
 
 
 def test_session_steps_land_on_the_next_evaluation_time(ttq):
@@ -88,7 +84,7 @@ def test_tiny_end_to_end_writes_the_table_and_json(ttq, random_world, tmp_path):
     table = (out / "table.md").read_text()
     assert "| official |" in table and "| b1-r16-reuse4 |" in table
     assert (out / "gain_vs_seconds.svg").read_text().startswith("<svg")
-    gain, fid = ttq.official_target(data["runs"]["official"][0]["points"], data["base"]["relative"],
-                                    data["base"]["fidelity"], data["fidelity_tolerance"])
-    assert report["target"]["gain"] == pytest.approx(gain) and report["target"]["official_fidelity"] == fid
+    floor = data["base"]["fidelity"] - data["fidelity_tolerance"]
+    best = ttq.best_kept_gain(data["runs"]["official"][0]["points"], data["base"]["relative"], floor)
+    assert report["target"]["gain"] == pytest.approx(0.95 * best) and report["target"]["fidelity"] == floor
     assert all(p["relative_se"] > 0 for p in data["runs"]["official"][0]["points"])
