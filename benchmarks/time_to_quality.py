@@ -1,7 +1,8 @@
 """Time to quality of SRPO on the tiny world: the official settings against faster ones, side by side in one run.
 
-    python benchmarks/time_to_quality.py                     # every arm, 1 seed, the official arm trains 240 s
-    python benchmarks/time_to_quality.py --budget 120 --arms official,b8-r16-reuse2 --seeds 2
+    python benchmarks/time_to_quality.py                     # every arm, 1 seed (about 11 minutes here)
+    python benchmarks/time_to_quality.py --budget 120 --arms official,b1-r16-reuse4 --seeds 2
+    python benchmarks/time_to_quality.py --render benchmarks/results/time_to_quality   # redraw table and plots
 
 An *arm* is SRPO with a set of overrides of ``configs/tiny-srpo.yaml``:
 
@@ -213,7 +214,9 @@ def markdown(report: dict) -> str:
     for name, row in s.items():
         t, ratio = row["mean_seconds"], row["ratio_to_official"]
         times = ", ".join("-" if x is None else f"{x:.0f}" for x in row["times"])
-        lines.append(f"| {name} | `{' '.join(ARMS.get(name, []))}` | {row['seconds_per_step']:.3f} | "
+        own = report["arms"].get(name, [])
+        own = own if name == "official" else own[len(OFFICIAL):] if own[:len(OFFICIAL)] == OFFICIAL else own
+        lines.append(f"| {name} | `{' '.join(own)}` | {row['seconds_per_step']:.3f} | "
                      f"{'/'.join(map(str, row['steps']))} | {times if t is None else f'{t:.0f} ({times})'} | "
                      f"{'-' if ratio is None else f'{ratio:.2f}'} | "
                      f"{row['end_gain']:+.4f} | {row['end_fidelity']:.4f} | {', '.join(row['stopped'])} |")
@@ -267,6 +270,13 @@ def parse_args(argv=None):
 
 
 def main(argv=None, log=print) -> dict:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--render"] and len(argv) == 2:
+        out = Path(argv[1])
+        report = json.loads((out / "results.json").read_text())
+        render(report, out)
+        return report
     args = parse_args(argv)
     from directalign.compat import quiet_loading
 
@@ -303,8 +313,7 @@ def main(argv=None, log=print) -> dict:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     machine = dict(machine_info(), cpu_model=cpu_model())
-    report = {"command": "python benchmarks/time_to_quality.py " + " ".join(argv if argv is not None else
-                                                                           sys.argv[1:]),
+    report = {"command": "python benchmarks/time_to_quality.py " + " ".join(argv),
               "machine": machine, "started": time.strftime("%Y-%m-%d %H:%M", time.localtime(t_start)),
               "overrides": args.set, "budget": args.budget, "interval": args.interval, "eval_seeds": eval_seeds,
               "seeds": seeds,
@@ -315,17 +324,23 @@ def main(argv=None, log=print) -> dict:
     report["summary"] = summarise(report)
     report["total_seconds"] = time.time() - t_start
     (out / "results.json").write_text(json.dumps(clean(report), indent=1))
+    render(report, out)
+    log(markdown(report))
+    return report
+
+
+def render(report: dict, out: Path) -> None:
+    """table.md and the two plots from a report (``--render DIR`` redraws them from DIR/results.json)."""
     (out / "table.md").write_text(markdown(report))
+    base, target = report["base"], report["target"]
     for key, fname, ylabel in (("gain", "gain_vs_seconds.svg", "held-out relative gain over the base"),
                                ("fidelity", "fidelity_vs_seconds.svg", "fidelity (analytic judge)")):
         series = {name: [(p["train_seconds"], (p["relative"] - base["relative"]) if key == "gain" else p["fidelity"])
-                         for p in rs[0]["points"]] for name, rs in runs.items()}
+                         for p in rs[0]["points"]] for name, rs in report["runs"].items()}
         ref = target["gain"] if key == "gain" else base["fidelity"]
         (out / fname).write_text(svg_plot(series, ref, f"SRPO on the tiny world: {ylabel} vs training time",
                                           "training seconds (log scale)", ylabel,
                                           baseline_label="target" if key == "gain" else "base model"))
-    log(markdown(report))
-    return report
 
 
 if __name__ == "__main__":
