@@ -52,6 +52,20 @@ def sigma_schedule(num_steps: int, shift: float = 1.0, dtype: torch.dtype = torc
     return shift_sigmas(torch.linspace(1.0, 0.0, num_steps + 1, dtype=dtype), shift)
 
 
+def diffusers_sigma_schedule(num_steps: int, shift: float = 1.0, train_timesteps: int = 1000,
+                             dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The (num_steps + 1,) schedule of diffusers' ``FlowMatchEulerDiscreteScheduler(shift=shift).set_timesteps(n)``
+    (no dynamic shifting), as Flow-GRPO's SD3 pipeline samples it (yifan123/flow_grpo ``pipeline_with_logprob``
+    calls ``retrieve_timesteps`` without sigmas): ``shift(linspace(1, shift(1 / T), n))`` then 0, T the training
+    timesteps. The shift is applied to a range whose low end is already shifted, so the last step before 0 sits at
+    ``shift(shift(1 / T))`` (0.0089 for shift 3), not at ``shift(1 / n)``."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    sigma_min = shift_sigmas(torch.tensor(1.0 / train_timesteps, dtype=dtype), shift)
+    sigmas = shift_sigmas(torch.linspace(1.0, float(sigma_min), num_steps, dtype=dtype), shift)
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
 def interpolate(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
     """``x_sigma = sigma * noise + (1 - sigma) * x0`` (the forward process, Eq. 4 with alpha = 1 - sigma)."""
     s = _expand(sigma, x0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from helpers import DATA
 from safetensors.torch import load_file
@@ -43,3 +44,31 @@ def test_log_probs_match_flow_grpo_for_a_given_and_a_sampled_target():
     # the sampled target is a draw of this transition: its standardised residual is ~N(0, 1)
     z = (t["sampled_prev_sample"] - mean) / std
     assert abs(float(z.mean())) < 0.5 and 0.6 < float(z.std()) < 1.4
+
+
+# --------------------------------------------------------------------------------- the SD3 pipeline's schedule
+@pytest.mark.parametrize("steps,shift", [(10, 3.0), (6, 3.0), (40, 1.0), (2, 5.0)])
+def test_diffusers_schedule_equals_the_sd3_schedulers_set_timesteps(steps, shift):
+    """Flow-GRPO's SD3 pipeline samples on ``FlowMatchEulerDiscreteScheduler.set_timesteps(N)``; ``grpo.schedule:
+    diffusers`` gives the same sigmas (the linspace schedule does not: its last step sits at shift(1 / N))."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from directalign import flow
+
+    sch = FlowMatchEulerDiscreteScheduler(shift=shift)
+    sch.set_timesteps(steps)
+    ours = flow.diffusers_sigma_schedule(steps, shift)
+    torch.testing.assert_close(ours.float(), sch.sigmas.float(), rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(flow.sigma_schedule(steps, shift).float(), sch.sigmas.float(), atol=1e-3)
+
+
+def test_grpo_samples_on_the_schedule_its_config_names(random_world):
+    from helpers import build_parts, tiny_config
+
+    from directalign import flow
+
+    for name, expected in (("linspace", flow.sigma_schedule(3, 3.0)),
+                           ("diffusers", flow.diffusers_sigma_schedule(3, 3.0))):
+        cfg = tiny_config("grpo", f"grpo.schedule={name}", "grpo.sampling_steps=3", "sampling.shift=3.0")
+        _, _, method, _ = build_parts(cfg)
+        torch.testing.assert_close(method.sigmas, expected)

@@ -59,6 +59,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import flow
 from ..engine.context import StepContext, StepOutput
 from .base import Backward, BranchResult, MethodSpec, step_output
 from .common import RewardScorer, schedule, step_noise, velocity_fn
@@ -113,7 +114,8 @@ class GRPO:
     def __init__(self, cfg, adapter, reward):
         self.cfg, self.adapter, self.reward = cfg, adapter, reward
         self.g = g = cfg.method_section
-        self.sigmas = schedule(g.sampling_steps, cfg.sampling.shift)
+        self.sigmas = (flow.diffusers_sigma_schedule(g.sampling_steps, cfg.sampling.shift) if g.schedule == "diffusers"
+                       else schedule(g.sampling_steps, cfg.sampling.shift))
         self.score = RewardScorer(cfg, reward)
         self._buffer: dict | None = None  # the rollout whose later parts are still to train
         # the engine builds the method before fine-tuning starts or a checkpoint is loaded: a full fine-tuning's copy

@@ -21,6 +21,9 @@ class GRPOConfig:
 
     sde: str = choice("dance", "flow")  # dance: diffusion g = eta (DanceGRPO flux_step) | flow: g = eta*sqrt(s/(1-s)) (Flow-GRPO)
     sampling_steps: int = 16  # DanceGRPO FLUX script
+    # linspace: shift(linspace(1, 0, N + 1)) (DanceGRPO's sd3_time_shift) | diffusers: the SD3 scheduler's
+    # set_timesteps(N) (Flow-GRPO's pipeline; flow.diffusers_sigma_schedule)
+    schedule: str = choice("linspace", "diffusers")
     guidance: float = 3.5  # DanceGRPO hard-codes guidance 3.5 in its FLUX sampler
     eta: float = 0.3  # DanceGRPO --eta 0.3 (Flow-GRPO noise_level 0.7 SD3, 0.9 FLUX)
     group_size: int = 12  # DanceGRPO --num_generations 12
