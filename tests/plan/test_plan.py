@@ -150,7 +150,7 @@ def test_flux2_z_image_and_wan_probes_equal_the_adapters_call(family):
         out = probes.TRANSFORMER_PROBES[config["_class_name"]](meta, shapes, torch.float32, torch.device("meta"))
     assert fc_meta.get_total_flops() == fc.get_total_flops() > 0
     assert _count(meta) == _count(adapter.transformer)
-    assert out.dim() in (3, 4) and out.shape[0] == 1
+    assert out.dim() == (5 if family == "wan" else 3 if family != "z-image" else 4) and out.shape[0] == 1
     assert frames == (3 if family == "wan" else 1)  # 5 frames, temporal factor 4
 
 

@@ -8,7 +8,7 @@ on meta tensors at the config's resolution and text length (:mod:`.measure`). Wh
 * weights: the transformer in ``model.dtype``, except trainable weights, which the engine keeps in float32
   (``engine/precision.float32_master_weights``: LoRA's adapter, or the whole transformer under full fine-tuning);
   the VAE and every text encoder in ``model.dtype`` (they stay on the device: the run encodes prompts as it meets
-  them); the reward in ``reward.dtype``;
+  them); the reward in ``reward.dtype`` (built as the reward kind runs it: :mod:`.reward_models`);
 * gradients (float32) and AdamW's two moments (float32) of the trainable weights, and an EMA copy when enabled;
 * FSDP2 (full fine-tuning on N > 1 GPUs, ``train.distributed`` auto / fsdp; ``engine/distributed.shard_full_model``
   shards each block and the root): float32 weights, gradients and optimizer state / N, plus the gathered
@@ -22,6 +22,11 @@ on meta tensors at the config's resolution and text length (:mod:`.measure`). Wh
   with true classifier-free guidance;
 * a fixed reserve (:data:`RESERVE_GB`) for the CUDA context, cuBLAS / NCCL workspaces and allocator slack.
 
+Videos (Wan): the transformer runs every latent frame, the VAE decodes the whole clip (causal 3-D, every latent
+frame, as ``adapters/wan.WanAdapter.decode``) and the reward scores every decoded frame and averages
+(``rewards/video.py``): the VAE and reward FLOPs and activations of a differentiable graph are those of the whole
+clip, measured by running it.
+
 Time per update is a lower bound: the update's FLOPs at the GPU's peak dense bf16 throughput (:mod:`.gpus`); real
 runs reach 30-60 % of it on large matmuls.
 """
@@ -29,13 +34,14 @@ runs reach 30-60 % of it on large matmuls.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict
 from functools import partial
 
 import torch
 
 from ..adapters.loading import FAMILIES
-from . import probes
+from . import probes, reward_models
 from .gpus import gpu as find_gpu
 from .measure import forward_cost, graph_cost
 from .sources import (
@@ -171,8 +177,7 @@ def plan(cfg, gpus: int = 1, gpu_name: str = "H100-SXM", config_name: str = "") 
     reward = None
     notes = []
     if comp.reward_folder is not None:
-        reward = build_meta(json.loads((comp.reward_folder / "config.json").read_text()), DTYPES[cfg.reward.dtype])
-        reward.requires_grad_(False).eval()
+        reward = reward_models.build(cfg.reward.kind, comp.reward_folder, DTYPES[cfg.reward.dtype], cfg)
     else:
         notes.append(f"reward.kind={cfg.reward.kind}: no config known, the reward's cost is not counted")
     texts = {name: count_params(build_meta(c, weight_dtype, cls)) for name, (cls, c) in
@@ -195,11 +200,13 @@ def plan(cfg, gpus: int = 1, gpu_name: str = "H100-SXM", config_name: str = "") 
                         "directalign.plan.probes.TRANSFORMER_PROBES")
     g = graph_cost(transformer, probe, shapes, compute, device, vae, t.vae_checkpointing, reward,
                    work.decode_in_graph)
-    v_fwd, _ = forward_cost(vae, lambda: probes.decode(vae, latent_hw, 1, weight_dtype, device))
+    v_fwd, _ = forward_cost(vae, lambda: probes.decode(vae, latent_hw, 1, weight_dtype, device, frames=frames))
+    video_frames = getattr(m, "frames", 1) if frames > 1 else 1  # decoded frames of one video (4k + 1)
     r_fwd = 0.0
-    if reward is not None:
-        r_fwd, _ = forward_cost(reward, lambda: probes.reward_forward(
+    if reward is not None:  # a no-grad score of one image, times the frames of a video
+        r_fwd, _ = forward_cost(reward, lambda: reward_models.score(
             reward, torch.zeros(1, 3, m.height, m.width, device=device)))
+        r_fwd *= video_frames
 
     # ------------------------------------------------------------------------------------------ FLOPs per update
     per_row = {k: getattr(g, k) / rows for k in ("transformer_forward", "transformer_train", "vae_train",
@@ -239,8 +246,20 @@ def plan(cfg, gpus: int = 1, gpu_name: str = "H100-SXM", config_name: str = "") 
     mem["reserve"] = RESERVE_GB
     mem["total"] = sum(mem.values())
     if frames > 1:
-        notes.append(f"video: the transformer runs all {frames} latent frames; the differentiable graph decodes and "
-                     "scores one frame, so the VAE decode and reward of the other frames are not counted")
+        notes.append(f"video: the transformer runs all {frames} latent frames; the VAE decodes the whole clip "
+                     f"({frames} latent -> {video_frames} frames, causal 3-D) and the reward scores each of the "
+                     f"{video_frames} frames (averaged per video), with gradient in the differentiable graph")
+    if isinstance(reward, reward_models.HPSv3Scorer):
+        from ..rewards.hpsv3 import smart_resize
+
+        n_img = math.prod(smart_resize(m.height, m.width, 28, reward.pixels, reward.pixels)) // 28 ** 2
+        lengths = [sum(reward.token_layout(x, n_img)) + n_img for x in reward.texts]
+        notes.append(f"hpsv3: Qwen2-VL-7B vision tower once per image, language model over {len(lengths)} scored "
+                     f"text(s) of {', '.join(map(str, lengths))} tokens ({n_img} image tokens; text tokens counted by "
+                     "Qwen2's pre-tokenizer split, the median prompt of train.prompts)")
+    elif isinstance(reward, reward_models.MPSScorer):
+        notes.append(f"mps: CLIP ViT-H/14 image tokens once per image, the 4-layer fusion once per scored text "
+                     f"({reward.n_texts})")
     if cfg_g == 2:
         notes.append("differentiable calls run true CFG (two passes): activations counted twice")
     if t.finetune == "lora":
@@ -261,6 +280,9 @@ def plan(cfg, gpus: int = 1, gpu_name: str = "H100-SXM", config_name: str = "") 
         "trainable": {"lora": n_lora, "full": n_base, "this_run": n_trainable,
                       "lora_rank": t.lora_rank},
         "work": asdict(work) | {"cfg_passes_no_grad": cfg_ng, "cfg_passes_grad": cfg_g},
+        "video": {"latent_frames": frames, "frames": video_frames},
+        "reward": {"kind": cfg.reward.kind, "modelled": reward is not None,
+                   "scored_texts": reward_models.scored_texts(cfg), "images_per_graph": rows * video_frames},
         "flops": flops,
         "measured": asdict(g),
         "memory_gib": mem,

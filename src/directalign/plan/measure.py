@@ -30,7 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import probes
+from . import probes, reward_models
 
 
 class LiveBytes(TorchDispatchMode):
@@ -140,13 +140,13 @@ def _graph(transformer, probe, shapes, dtype, device, vae, vae_checkpointing, re
     f["transformer_forward"] = fc.get_total_flops()
     f["retained_after_forward"] = live.mark() if live is not None else 0
     if decode_in_graph and vae is not None:
-        latents = out if out.dim() == 4 else _unpack(out, shapes)
+        latents = out if out.dim() in (4, 5) else _unpack(out, shapes)  # 5-D: a video's latent frames
         del out
         images = probes.decode(vae, shapes.latent_hw, shapes.rows, dtype, device, vae_checkpointing,
                                latents=latents.to(next(vae.parameters()).dtype))
         f["vae_forward"] = fc.get_total_flops() - f["transformer_forward"]
         if reward is not None:
-            score = probes.reward_forward(reward, images)
+            score = reward_models.score(reward, images)
             mark = fc.get_total_flops()
             f["reward_forward"] = mark - f["transformer_forward"] - f["vae_forward"]
             (grad_images,) = torch.autograd.grad(score.float().mean(), [images])

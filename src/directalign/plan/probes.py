@@ -8,7 +8,9 @@
 * :data:`FAMILY_PROBES` holds the families whose adapter calls a known class with other inputs (Qwen-Image-Edit
   appends the source image's tokens).
 * :func:`decode` runs the VAE decoder as the adapters do (``AutoencoderKL``: 4-D latents; the causal video VAEs of
-  Qwen-Image / Wan, whose config has ``temperal_downsample``: one frame of 5-D latents).
+  Qwen-Image / Wan, whose config has ``temperal_downsample``: 5-D latents, one frame for an image, every latent
+  frame of a video, as ``WanAdapter.decode`` decodes the whole clip; a video's frames come back flattened to
+  (rows * frames, 3, H, W), the batch the video reward scores: ``rewards/video.flatten_frames``).
 * :func:`reward_forward` runs a CLIP-architecture reward's image side as :mod:`directalign.rewards.clip` does
   (resize to the vision tower's size, normalise, project, cosine against a cached text embedding).
 """
@@ -115,14 +117,14 @@ def _z_image(transformer, s: Shapes, dtype: torch.dtype, device) -> torch.Tensor
 
 def _wan(transformer, s: Shapes, dtype: torch.dtype, device) -> torch.Tensor:
     """WanAdapter._forward: 5-D latents (B, C, frames, h, w) (the transformer patchifies them itself), timestep
-    ``sigma * 1000``, UMT5 tokens. Returns the first latent frame (B, C, h, w): the graph decodes and scores one
-    frame (see ``estimate``'s note: the other frames' decodes are not counted)."""
+    ``sigma * 1000``, UMT5 tokens. Returns every latent frame (B, C, frames, h, w): the graph decodes the whole clip
+    and scores each frame."""
     c = transformer.config
     h, w = s.latent_hw
     x = torch.zeros(s.rows, c.in_channels, s.frames, h, w, device=device, dtype=dtype)
     out = transformer(hidden_states=x, timestep=_full((s.rows,), x, 500.0),
                       encoder_hidden_states=_full((s.rows, s.text_tokens, c.text_dim), x), return_dict=False)[0]
-    return out[:, :, 0]
+    return out
 
 
 # A family whose adapter calls a known transformer class differently (model.family -> probe): checked first.
@@ -170,15 +172,22 @@ def latent_channels(vae_config: dict) -> int:
 
 
 def decode(vae, latents_hw: tuple[int, int], rows: int, dtype: torch.dtype, device, checkpointed: bool = False,
-           latents: torch.Tensor | None = None) -> torch.Tensor:
-    """Images (rows, 3, H, W) from the VAE decoder, as the adapters call it (differentiable in ``latents``)."""
+           latents: torch.Tensor | None = None, frames: int = 1) -> torch.Tensor:
+    """Images (rows, 3, H, W) from the VAE decoder, as the adapters call it (differentiable in ``latents``); for
+    5-D latents (rows, C, frames, h, w) of a video VAE (or ``frames > 1``), every decoded frame, flattened to
+    (rows * video frames, 3, H, W)."""
     cfg = dict(vae.config)
     h, w = latents_hw
-    if latents is None:
-        latents = torch.zeros(rows, latent_channels(cfg), h, w, device=device, dtype=dtype)
     video = is_video_vae(cfg)
+    if latents is None:
+        shape = (rows, latent_channels(cfg), frames, h, w) if video and frames > 1 else (rows, latent_channels(cfg),
+                                                                                         h, w)
+        latents = torch.zeros(shape, device=device, dtype=dtype)
 
     def run(z):
+        if video and z.dim() == 5:  # WanAdapter.decode: the whole clip, (B, 3, F, H, W) -> (B * F, 3, H, W)
+            out = vae.decode(z, return_dict=False)[0]
+            return out.permute(0, 2, 1, 3, 4).reshape(-1, *out.shape[1:2], *out.shape[3:])
         if video:
             return vae.decode(z[:, :, None], return_dict=False)[0][:, :, 0]
         return vae.decode(z, return_dict=False)[0]

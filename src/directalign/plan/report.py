@@ -59,14 +59,20 @@ def table(p: dict) -> str:
     out.append(f"  {'reward':32s}{_count(p['params']['reward']):>12s}")
     cfg_ng = f" x {w['cfg_passes_no_grad']} (true CFG)" if w["cfg_passes_no_grad"] > 1 else ""
     cfg_g = f" x {w['cfg_passes_grad']} (true CFG)" if w["cfg_passes_grad"] > 1 else ""
+    v, r = p["video"], p["reward"]
+    video = (f"   whole clip: {v['latent_frames']} latent -> {v['frames']} frames per video" if v["frames"] > 1
+             else "")
+    texts = f" x {r['scored_texts']} text(s)" if r["kind"] in ("hpsv3", "mps") else ""  # CLIP: text side cached
+    scored = (f"   {r['kind']}: {r['images_per_graph']} image(s) per graph{texts}" if r["modelled"]
+              else f"   {r['kind']}: not counted (no config)")
     out += [
         "",
         f"{'FLOPs per update, per GPU':34s}{'':>14s}",
         f"  {'rollout (no grad)':32s}{_flops(fl['rollout']):>14s}   {w['nfe_no_grad']:g} transformer calls{cfg_ng}",
         f"  {'gradient branches':32s}{_flops(fl['grad_branches']):>14s}   {w['nfe_grad']:g} calls{cfg_g}, forward + "
         "backward" + (" + recomputation" if p["gradient_checkpointing"] or w["method_checkpoint"] else ""),
-        f"  {'VAE decode (+ backward)':32s}{_flops(fl['vae']):>14s}",
-        f"  {'reward (+ backward)':32s}{_flops(fl['reward']):>14s}",
+        f"  {'VAE decode (+ backward)':32s}{_flops(fl['vae']):>14s}{video}",
+        f"  {'reward (+ backward)':32s}{_flops(fl['reward']):>14s}{scored}",
         f"  {'total':32s}{_flops(fl['total']):>14s}   ({w['note']})",
         "",
         f"{'memory per GPU':34s}{'GiB':>12s}",
