@@ -129,6 +129,11 @@ class PhaseMemory(LiveBytes):
             row["end"] = self.current - self.base
         row["rss_peak_mb"] = max(row["rss_peak_mb"], _proc_status_mb("VmHWM"))
 
+    def switch(self, name: str) -> None:
+        """End the current phase and start ``name`` (for callers that see only where phases begin)."""
+        self._leave()
+        self._enter(name)
+
     @contextlib.contextmanager
     def phase(self, name: str):
         self._leave()
@@ -212,6 +217,7 @@ def memory_profile(name: str, cfg, steps: int = 2) -> dict:
                 clip_and_measure(params, cfg.train.grad_clip)
                 opt.step()
                 ft.update_ema()
+                opt.zero_grad(set_to_none=True)  # the loop frees the gradients with their step
                 ft.scheduler.step()
             per_step.append({"phases": tracker.end_step(), "kept_after_step_bytes": kept,
                              "live_peak_bytes": tracker.peak - tracker.base,  # LiveBytes' own peak of the step
@@ -235,7 +241,8 @@ def flux_shaped_world(root: Path, size: int) -> Path:
     comps = arch.new_generator_components()
     comps["vae"] = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, norm_num_groups=8,
                                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                                 block_out_channels=(8, 16, 32, 32), layers_per_block=1, sample_size=size)
+                                 block_out_channels=(8, 16, 32, 32), layers_per_block=1, sample_size=size,
+                                 scaling_factor=0.3611, shift_factor=0.1159)  # FLUX.1's VAE constants
     comps["transformer"] = FluxTransformer2DModel(**dict(arch.TRANSFORMER_CONFIG, in_channels=64))
     FluxPipeline(**comps).save_pretrained(root / "generator")
     model, tok = arch.new_reward()

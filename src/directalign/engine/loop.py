@@ -18,6 +18,7 @@ from ..logging_utils import MetricsLogger
 from . import distributed as dist_utils
 from .context import STREAM_TORCH_GLOBAL, PromptSampler, StepContext, StepOutput, seed_for
 from .finetune import FineTuning
+from .memory import precompute_prompt_embeddings, release_freed_memory, session_prompts
 from .signals import StopFlag, StoppedBySignal
 
 
@@ -47,13 +48,17 @@ class StepLoop:
 
     def __init__(self, *, train_cfg, run_cfg, method, ft: FineTuning, sampler: PromptSampler, device,
                  run_dir: Path, checkpoint_state: Callable[[int], dict], extra_metrics: Callable[[], dict],
-                 log=print, desc: str = "train", after_step: Callable[[int], None] | None = None):
+                 log=print, desc: str = "train", after_step: Callable[[int], None] | None = None,
+                 precompute_prompts: bool = False):
         """``after_step(step_done)``: called on every rank after each step is logged and before its checkpoint
-        (training uses it for the held-out samples of ``run.sample_every``); it must not touch the trainable state."""
+        (training uses it for the held-out samples of ``run.sample_every``); it must not touch the trainable state.
+        ``precompute_prompts``: encode the session's prompts through ``method.adapter`` before the first step
+        (:func:`.memory.precompute_prompt_embeddings`), for methods whose steps encode the sampler's prompts."""
         self.t, self.run_cfg, self.method, self.ft = train_cfg, run_cfg, method, ft
         self.sampler, self.device, self.run_dir = sampler, device, Path(run_dir)
         self.checkpoint_state, self.extra_metrics, self.log, self.desc = checkpoint_state, extra_metrics, log, desc
         self.info, self.after_step = ft.info, after_step
+        self.precompute_prompts = precompute_prompts
         self._last_saved: int | None = None
 
     # ------------------------------------------------------------------------------------------------ pieces
@@ -82,6 +87,9 @@ class StepLoop:
         if finite:
             ft.optimizer.step()
             ft.update_ema()
+            # as the official train_one_step: the gradients are freed with the step, not kept alive through the
+            # logging, held-out samples and checkpoint between steps
+            ft.optimizer.zero_grad(set_to_none=True)
         else:
             ft.optimizer.zero_grad(set_to_none=True)
             if t.on_nonfinite == "abort":
@@ -102,12 +110,16 @@ class StepLoop:
 
             progress = tqdm(total=t.steps, initial=start, desc=self.desc, unit="step", dynamic_ncols=True)
         step, skipped = start, 0
+        if self.precompute_prompts and getattr(self.method, "adapter", None) is not None:
+            precompute_prompt_embeddings(self.method.adapter, session_prompts(self.sampler, start, end), t.batch_size)
         try:
             while step < end:
                 t_step = time.time()
                 out, grad_norm, finite = self.one_step(step)
                 skipped += not finite
                 step += 1
+                if step == start + 1:  # the first step frees most (warm-up, optimizer state): give it back
+                    release_freed_memory()
                 record = {"step": step, "loss": out.loss, "reward": out.reward, "grad_norm": grad_norm,
                           "lr": self.ft.scheduler.get_last_lr()[0], "step_seconds": time.time() - t_step,
                           "skipped": not finite, **nfe, **out.metrics, **self.extra_metrics()}
@@ -121,6 +133,8 @@ class StepLoop:
                                          s_step=f"{record['step_seconds']:.2f}")
                 if self.after_step is not None:
                     self.after_step(step)
+                    if self.run_cfg.sample_every and step % self.run_cfg.sample_every == 0:
+                        release_freed_memory()  # the held-out samples' rollouts and decodes
                 if self.run_cfg.checkpoint_every and step % self.run_cfg.checkpoint_every == 0 and step < end:
                     self.save(step)
                 if stop.signal is not None:
