@@ -30,6 +30,16 @@ def velocity_fn(adapter, embeds: PromptEmbeds, guidance: float | None, height: i
     return velocity
 
 
+def encode_texts(items: list[str]) -> torch.Tensor:
+    """Strings as one uint8 tensor (UTF-8, NUL-separated), for a method state saved with safetensors."""
+    return torch.tensor(list("\x00".join(items).encode("utf-8")), dtype=torch.uint8)
+
+
+def decode_texts(t: torch.Tensor) -> list[str]:
+    """The inverse of :func:`encode_texts`."""
+    return bytes(t.tolist()).decode("utf-8").split("\x00")
+
+
 def schedule(steps: int, shift: float) -> torch.Tensor:
     """The sampler's (steps + 1,) descending sigmas ``shift(linspace(1, 0, steps + 1))`` (float64)."""
     return flow.sigma_schedule(steps, shift)

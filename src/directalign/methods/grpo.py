@@ -62,7 +62,7 @@ import torch
 from .. import flow
 from ..engine.context import StepContext, StepOutput
 from .base import Backward, BranchResult, MethodSpec, step_output
-from .common import RewardScorer, schedule, step_noise, velocity_fn
+from .common import RewardScorer, decode_texts, encode_texts, schedule, step_noise, velocity_fn
 from .grpo_config import GRPOConfig, GRPOFastConfig
 from .grpo_math import (  # noqa: F401
     LOG_SQRT_2PI,
@@ -97,14 +97,6 @@ class Rollout:
     log_probs: torch.Tensor
     x0: torch.Tensor
     rewards: torch.Tensor
-
-
-def _encode_text(items: list[str]) -> torch.Tensor:
-    return torch.tensor(list("\x00".join(items).encode("utf-8")), dtype=torch.uint8)
-
-
-def _decode_text(t: torch.Tensor) -> list[str]:
-    return bytes(t.tolist()).decode("utf-8").split("\x00")
 
 
 # --------------------------------------------------------------------------------------------- the recipe
@@ -234,7 +226,7 @@ class GRPO:
         if b is None:
             return {}
         out = {k: b[k] for k in ("states", "log_probs", "rewards", "advantages", "chosen", "order", "sizes")}
-        out.update(start=torch.tensor(b["start"]), prompts=_encode_text(b["prompts"]),
+        out.update(start=torch.tensor(b["start"]), prompts=encode_texts(b["prompts"]),
                    scalars=torch.tensor([b["zero_std"], b["dropped"]], dtype=torch.float64),
                    world_size=torch.tensor(self._world_size))
         return {f"grpo_rollout.{k}": v for k, v in out.items()}
@@ -248,7 +240,7 @@ class GRPO:
         self._buffer = {k: b[k].to(device) for k in ("states", "log_probs", "rewards", "advantages", "chosen")}
         zero_std, dropped = b["scalars"].tolist()
         self._buffer.update(start=int(b["start"]), order=b["order"], sizes=b["sizes"],
-                            prompts=_decode_text(b["prompts"]), zero_std=zero_std, dropped=dropped)
+                            prompts=decode_texts(b["prompts"]), zero_std=zero_std, dropped=dropped)
 
     _world_size = 1
 

@@ -13,13 +13,13 @@ the checkpoint holds every rank's (gathered), and each rank takes its own back.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from ..errors import TrainingError
+from .common import decode_texts, encode_texts
 
 
 @dataclass
@@ -35,14 +35,6 @@ class Rollout:
 def is_rollout_step(step: int, reuse: int) -> bool:
     """A new rollout is made at steps 0, R, 2R, ... (R = ``reuse``); steps in between reuse the last one."""
     return step % reuse == 0
-
-
-def _encode_prompts(prompts: list[str]) -> torch.Tensor:
-    return torch.tensor(list(json.dumps(prompts).encode("utf-8")), dtype=torch.uint8)
-
-
-def _decode_prompts(t: torch.Tensor) -> list[str]:
-    return json.loads(bytes(t.tolist()).decode("utf-8"))
 
 
 class RolloutBuffer:
@@ -70,7 +62,7 @@ class RolloutBuffer:
         """Every rank's held rollout as ``rollout.rank{r}.{step,prompts,x0,noise}`` (gathered over ranks: every rank
         calls this when a checkpoint is written), ``{}`` when nothing is held."""
         local = {} if self.last is None else {
-            "step": torch.tensor([self.last.step]), "prompts": _encode_prompts(self.last.prompts),
+            "step": torch.tensor([self.last.step]), "prompts": encode_texts(self.last.prompts),
             "x0": self.last.x0.detach().cpu(), "noise": self.last.noise.detach().cpu()}
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             gathered: list = [None] * dist.get_world_size()
@@ -89,5 +81,5 @@ class RolloutBuffer:
                                     "written with fewer processes); resume with the same number of processes")
             self.last = None
             return
-        self.last = Rollout(int(mine["step"][0]), _decode_prompts(mine["prompts"]), mine["x0"].to(device),
+        self.last = Rollout(int(mine["step"][0]), decode_texts(mine["prompts"]), mine["x0"].to(device),
                             mine["noise"].to(device))
