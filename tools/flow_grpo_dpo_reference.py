@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling
+from reference_ast import accumulate_body, before_backward, function_source
 from safetensors.torch import save_file
 
 COMMIT = "ac4c86e8cae021841f1fde853d340e0db67690dd"
@@ -54,24 +55,12 @@ BETA, SHIFT, PAIRS, SEED, BLOCK_SEED = 100.0, 3.0, 3, 4, 2311
 FIRST = 'model_input = sample["latents"]'
 
 
-def _is_call(node: ast.AST, text: str) -> bool:
-    return isinstance(node, ast.Expr) and ast.unparse(node.value) == text
-
-
 def extract(source: str) -> tuple[str, str]:
     """``get_sigmas``'s definition and the loss statements (the accumulate block up to ``accelerator.backward``)."""
-    tree = ast.parse(source)
-    get_sigmas = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "get_sigmas")
-    blocks = [n for n in ast.walk(tree) if isinstance(n, ast.With)
-              and ast.unparse(n.items[0].context_expr) == "accelerator.accumulate(transformer)"]
-    if len(blocks) != 1:
-        raise SystemExit(f"expected one accumulate block in {FILE}, found {len(blocks)}: another commit's layout")
-    body = blocks[0].body
+    body = accumulate_body(source, FILE)
     if ast.unparse(body[0]) != ast.unparse(ast.parse(FIRST)):
         raise SystemExit(f"the accumulate block does not start with {FIRST!r}: another commit's layout")
-    end = next(i for i, n in enumerate(body) if _is_call(n, "accelerator.backward(loss)"))
-    return (ast.get_source_segment(source, get_sigmas),
-            "\n".join(ast.unparse(n) for n in body[:end]))
+    return function_source(source, "get_sigmas", FILE), before_backward(body, FILE)
 
 
 class StandIn:

@@ -34,7 +34,6 @@ with respect to the policy's prediction).
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import importlib.util
 import json
@@ -46,6 +45,7 @@ from types import SimpleNamespace
 import diffusers
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
+from reference_ast import accumulate_body, before_backward, function_source
 from safetensors.torch import save_file
 
 COMMIT = "ac4c86e8cae021841f1fde853d340e0db67690dd"
@@ -59,25 +59,13 @@ OFFSETS = (0.02, -0.03, 0.01, 5e-5)  # log p - log p_old per row
 SEED = 873
 
 
-def _is_call(node: ast.AST, text: str) -> bool:
-    return isinstance(node, ast.Expr) and ast.unparse(node.value) == text
-
-
 def extract(source: str) -> tuple[str, str]:
     """``compute_log_prob``'s definition and the loss statements (the accumulate block before the backward)."""
-    tree = ast.parse(source)
-    fn = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "compute_log_prob")
-    blocks = [n for n in ast.walk(tree) if isinstance(n, ast.With)
-              and ast.unparse(n.items[0].context_expr) == "accelerator.accumulate(transformer)"]
-    if len(blocks) != 1:
-        raise SystemExit(f"expected one accumulate block in {FILE}, found {len(blocks)}: another commit's layout")
-    body = blocks[0].body
-    end = next(i for i, n in enumerate(body) if _is_call(n, "accelerator.backward(loss)"))
-    block = "\n".join(ast.unparse(n) for n in body[:end])
+    block = before_backward(accumulate_body(source, FILE), FILE)
     for name in ("ratio", "unclipped_loss", "clipped_loss", "policy_loss", "kl_loss"):
         if f"{name} = " not in block:
             raise SystemExit(f"the accumulate block does not compute {name}: another commit's layout")
-    return ast.get_source_segment(source, fn), block
+    return function_source(source, "compute_log_prob", FILE), block
 
 
 class StandIn:
