@@ -292,7 +292,9 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--no-checkpointing", action="store_true", help="both sides without gradient checkpointing")
     p.add_argument("--no-precompute-prompts", action="store_true",
-                   help="directalign encodes each step's prompts inside the step (StepLoop precompute_prompts=False)")
+                   help="directalign encodes each step's prompts inside the step (train.precompute_prompts=false, the "
+                        "default of training runs; the default here is true, as the official code's preprocessed "
+                        "embeddings)")
     p.add_argument("--child", choices=("directalign", "official"), help=argparse.SUPPRESS)
     p.add_argument("--world", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)

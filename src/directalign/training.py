@@ -192,7 +192,7 @@ def _run(cfg, resume, max_steps_this_session, log, info, device, adapter, reward
     samples = HeldoutSamples(cfg, adapter, reward, eval_prompts, run_dir, metrics, info.is_main)
     loop = StepLoop(train_cfg=t, run_cfg=cfg.run, method=method, ft=ft, sampler=sampler, device=device,
                     run_dir=run_dir, checkpoint_state=checkpoint_state, extra_metrics=reward.step_metrics, log=log,
-                    desc=cfg.method, after_step=samples)
+                    desc=cfg.method, after_step=samples, precompute_prompts=t.precompute_prompts)
     try:
         if start_step == 0:
             samples(0)  # the base model's point (run.sample_every > 0 only)

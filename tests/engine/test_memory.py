@@ -135,3 +135,20 @@ def test_precomputed_prompts_keep_the_text_encoders_out_of_the_steps(random_worl
         assert calls == {"in_step": 0, "before": 1}  # one batch of both prompts, before step 1
     else:
         assert calls["before"] == 0 and calls["in_step"] >= 1
+
+
+@pytest.mark.parametrize("precompute", [True, False])
+def test_train_precompute_prompts_reaches_the_loop(random_world, tmp_path, monkeypatch, precompute):
+    """``train.precompute_prompts`` is what decides whether a training run encodes its prompts before step 1."""
+    from directalign.training import train
+
+    encoded = []
+    real = loop_module.precompute_prompt_embeddings
+    monkeypatch.setattr(loop_module, "precompute_prompt_embeddings",
+                        lambda adapter, prompts, batch: encoded.append(list(prompts)) or real(adapter, prompts, batch))
+    cfg = tiny_config("srpo", "train.steps=1", "eval.seeds=[0]", "run.report=false",
+                      f"train.precompute_prompts={str(precompute).lower()}", run_dir=tmp_path / "run")
+    train(cfg, log=quiet)
+    assert len(encoded) == (1 if precompute else 0)
+    if precompute:  # one step of batch_size prompts: exactly the prompts that step reads
+        assert len(encoded[0]) == len(set(encoded[0])) and 1 <= len(encoded[0]) <= cfg.train.batch_size

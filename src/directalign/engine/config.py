@@ -139,6 +139,10 @@ class TrainConfig:
     seed: int = 42
     prompts: str = "tiny-world:train"  # tiny-world:train | path to .txt / .jsonl / .csv
     shuffle_prompts: bool = True  # the official code does not shuffle (DistributedSampler shuffle=False)
+    # encode every prompt this session will read before its first step (the official code trains on embeddings
+    # preprocessed offline): the text encoder's activations leave the steps, at the cost of holding every
+    # embedding (FLUX: ~4 MB each at 512 T5 tokens); for small prompt sets
+    precompute_prompts: bool = False
 
     def validate(self) -> None:
         need(self.steps >= 1, f"train.steps: must be >= 1, got {self.steps}")
