@@ -7,8 +7,8 @@ of held-out reward against the number of model evaluations (NFE).
     python benchmarks/compare_methods.py --methods srpo,grpo --seeds 1 --steps all=20
 
 Methods: every registered method with a ``tiny-<method>.yaml`` (SRPO, Direct-Align, ReFL, DRaFT-K, DRaFT-LV,
-AlignProp, DanceGRPO, Flow-GRPO-Fast, DiffusionNFT, Diffusion-DPO, AWM), each from its shipped
-``configs/tiny-<method>.yaml`` (same LoRA, optimiser and evaluation settings), each trained by
+AlignProp, DanceGRPO, Flow-GRPO-Fast, DiffusionNFT, Diffusion-DPO, AWM, then Flow-GRPO: ``VARIANTS``), each from
+its shipped ``configs/tiny-<method>.yaml`` (same LoRA, optimiser and evaluation settings), each trained by
 :func:`directalign.training.train` and evaluated by :func:`directalign.eval.heldout.evaluate`.
 
 Budget. ``--budget-minutes`` is the whole comparison's wall clock. The script measures the base model's evaluation,
@@ -68,11 +68,21 @@ def _registered_methods() -> tuple[str, ...]:
     return tuple(registered)
 
 
-# Every registered method that ships a tiny-world config (tiny-<method>.yaml) takes part.
-METHODS = tuple(m for m in _registered_methods() if config_file(m).is_file())
+# Shipped tiny configs that run a registered method with another code's settings, compared under their own name.
+VARIANTS = {"flow-grpo": "grpo"}  # tiny-flow-grpo.yaml: Flow-GRPO's settings of method grpo (tiny-grpo: DanceGRPO's)
+
+
+def registered_method(name: str) -> str:
+    """The registered method a comparison entry runs (a variant's method, else the name itself)."""
+    return VARIANTS.get(name, name)
+
+
+# Every registered method that ships a tiny-world config (tiny-<method>.yaml) takes part, then the variants.
+METHODS = tuple(m for m in (*_registered_methods(), *VARIANTS) if config_file(m).is_file())
 QUICK_METHODS = ("srpo", "grpo", "nft", "dpo", "awm")  # one of each family of objectives
 LABELS = {"srpo": "SRPO", "direct-align": "Direct-Align", "refl": "ReFL", "draft-k": "DRaFT-K",
-          "draft-lv": "DRaFT-LV", "alignprop": "AlignProp", "grpo": "DanceGRPO", "grpo-fast": "Flow-GRPO-Fast",
+          "draft-lv": "DRaFT-LV", "alignprop": "AlignProp", "grpo": "DanceGRPO", "flow-grpo": "Flow-GRPO",
+          "grpo-fast": "Flow-GRPO-Fast",
           "nft": "DiffusionNFT", "dpo": "Diffusion-DPO (online)", "awm": "AWM"}  # display names; default: the name
 METRIC_KEYS = ("reward", "relative", "own_objective", "fidelity", "textured_share", "dark_share", "saturation",
                "brightness", "colourfulness", "hf_energy", "diversity_pixel")
@@ -90,8 +100,8 @@ def own_overrides(method: str, overrides: list[str]) -> list[str]:
     it belongs to (``--set grpo.eta=0.5`` changes the GRPO runs and no other)."""
     from directalign.methods.registry import sections
 
-    owners = sections()
-    return [o for o in overrides if method in owners.get(o.split(".", 1)[0], [method])]
+    owners, runs = sections(), registered_method(method)
+    return [o for o in overrides if runs in owners.get(o.split(".", 1)[0], [runs])]
 
 
 def run_config(method: str, seed: int, steps: int, run_dir: Path, eval_seeds: list[int], overrides: list[str]):

@@ -7,12 +7,17 @@ gradient, or the engine's training seconds), starting at the base model (x = 0).
 evaluated on the union of its seeds' x values: each seed's curve linearly interpolated there and, past its last
 evaluation, held at its last value (by the stop rule a run stops at a plateau or at the cap), then averaged.
 
-Reach. SRPO's level on a metric is the last value of SRPO's seed-mean curve (= the mean of its seeds' final values).
-A method reaches it at the first x where its seed-mean curve is >= that level, linearly interpolated between the two
+Reach. SRPO's result is the point of its seed-mean NFE curves with the highest relative metric among those whose
+fidelity stays at or above the base model's (the fidelity floor; time_to_quality's rule): past that point SRPO buys
+texture with fidelity, so its last point is not a result worth reaching. When no evaluated point keeps the floor, the
+last point is the result (and the table says so). SRPO's level on each metric is its value at the result. A method
+reaches it at the first x where its seed-mean curve is >= that level, linearly interpolated between the two
 points around the crossing (x = 0 when the base model is already there; None = never within the run). The ratio is
 that x over SRPO's own first crossing of the same level on its own seed-mean curve (None when either is None or
 SRPO's is 0: a level the base already meets gives no compute ratio). This is the measurement of the SRPO paper's
 compute claim (arXiv 2509.06942, Sec. 5 / Fig. 1: SRPO against DanceGRPO in GPU hours) made in NFE and seconds.
+The same is read at ``NEAR_FRACTION`` (0.95) of SRPO's relative gain over the base model, so a method that levels
+off just under SRPO's result still gets a ratio (``relative_near``).
 
 Own objective. For each method: base = its own objective (its training reward's held-out form) on the base model;
 final_s = its own objective at seed s's last evaluation; rise = mean_s(final_s) - base; spread = the sample standard
@@ -36,6 +41,7 @@ from directalign.errors import UserError
 from directalign.report_plots import svg_plot
 
 REACH_METRICS = ("relative", "fidelity")
+NEAR_FRACTION = 0.95  # "near SRPO's result": this share of SRPO's relative gain over the base (time_to_quality's target)
 AXES = {"nfe": "NFE", "seconds": "train s"}
 CURVE_METRICS = {"reward": "held-out reward (absolute)", "relative": "relative (textured - flat)",
                  "fidelity": "fidelity (analytic judge)"}
@@ -118,11 +124,23 @@ def method_curve(entry: dict, metric: str, axis: str) -> list[tuple[float, float
     return mean_curve([run_curve(entry["base"], r, metric, axis) for r in entry["runs"]])
 
 
-def reach(curves: dict[str, list[tuple[float, float]]], ref: str = "srpo") -> dict[str, dict]:
-    """Per method: the x where its curve first reaches ``ref``'s final level, and its ratio to ``ref``'s own x."""
+def result_point(relative: list[tuple[float, float]], fidelity: list[tuple[float, float]],
+                 floor: float) -> tuple[int, bool]:
+    """The index of the best ``relative`` value among the points (after the base, x > 0) whose ``fidelity`` is
+    >= ``floor``, and True; or the last index and False when no such point exists. Both curves share their x."""
+    kept = [i for i in range(1, len(relative)) if fidelity[i][1] >= floor]
+    if not kept:
+        return len(relative) - 1, False
+    return max(kept, key=lambda i: relative[i][1]), True
+
+
+def reach(curves: dict[str, list[tuple[float, float]]], ref: str = "srpo",
+          level: float | None = None) -> dict[str, dict]:
+    """Per method: the x where its curve first reaches ``level`` (default: ``ref``'s final value), and its ratio to
+    ``ref``'s own first crossing of it."""
     if ref not in curves:
         return {}
-    level = curves[ref][-1][1]
+    level = curves[ref][-1][1] if level is None else level
     ref_x = first_reach(curves[ref], level)
     out = {}
     for m, c in curves.items():
@@ -157,9 +175,23 @@ def analyse(report: dict) -> dict:
         before = {k: e["base"].get(k) for k in M.DRIFT_THRESHOLDS}
         out["drift"][m] = M.drift_warnings(before, {k: agg[k][0] for k in M.DRIFT_THRESHOLDS if k in agg})
         out["stops"][m] = [r["stop_reason"] for r in e["runs"]]
+    levels: dict[str, float | None] = {k: None for k in REACH_METRICS}
+    if "srpo" in methods:
+        c = out["curves"]["srpo"]
+        floor = methods["srpo"]["base"]["fidelity"]
+        i, kept = result_point(c["relative/nfe"], c["fidelity/nfe"], floor)
+        levels = {k: c[f"{k}/nfe"][i][1] for k in REACH_METRICS}
+        out["srpo_result"] = {"nfe": c["relative/nfe"][i][0], "fidelity_floor": floor, "kept_fidelity": kept,
+                              **levels}
     for k in REACH_METRICS:
         for a in AXES:
-            out["reach"][f"{k}/{a}"] = reach({m: c[f"{k}/{a}"] for m, c in out["curves"].items()})
+            out["reach"][f"{k}/{a}"] = reach({m: c[f"{k}/{a}"] for m, c in out["curves"].items()}, level=levels[k])
+    if "srpo" in methods:  # near the result: a level a method on a plateau just under SRPO's still gives a ratio for
+        base_rel = methods["srpo"]["base"]["relative"]
+        near = base_rel + NEAR_FRACTION * (levels["relative"] - base_rel)
+        for a in AXES:
+            out["reach"][f"relative_near/{a}"] = reach({m: c[f"relative/{a}"] for m, c in out["curves"].items()},
+                                                       level=near)
     return out
 
 
@@ -234,17 +266,25 @@ def markdown(report: dict, a: dict) -> str:
     if "srpo" not in report["methods"]:
         lines.append("SRPO is not in this comparison: no reference level.")
     else:
-        lines += [("SRPO's final level (the mean of its seeds' last values): relative "
-                  f"{a['reach']['relative/nfe']['srpo']['level']:+.4f}, fidelity "
-                  f"{a['reach']['fidelity/nfe']['srpo']['level']:.4f}. Each cell: the NFE (with + without gradient) "
-                  "or training seconds at which the method's seed-mean curve first reaches it (interpolated between "
-                  "evaluations; 0: the base model is already there; -: never within the run), and in brackets its "
+        res = a["srpo_result"]
+        where = ("its best relative value among the points whose fidelity stayed at or above the base model's "
+                 f"{res['fidelity_floor']:.4f}" if res["kept_fidelity"] else
+                 f"its last point (no point kept the base model's fidelity {res['fidelity_floor']:.4f})")
+        lines += [(f"SRPO's result ({where}, at {res['nfe']:,.0f} NFE on its seed-mean curve): relative "
+                  f"{res['relative']:+.4f}, fidelity {res['fidelity']:.4f}. Each cell: the NFE (with + without "
+                  "gradient) or training seconds at which the method's seed-mean curve first reaches it "
+                  "(interpolated between evaluations; 0: the base model is already there; -: never within the run), and in brackets its "
                    "ratio to SRPO's own first crossing of that level."), "",
+                  (f"The last two columns: the first crossing of {NEAR_FRACTION:.0%} of SRPO's relative gain over the "
+                   f"base model (relative {a['reach']['relative_near/nfe']['srpo']['level']:+.4f}), which a method "
+                   "that levels off just under SRPO's result still crosses."), "",
                   ("| Method | Relative: NFE (x SRPO) | Relative: train s (x SRPO) | Fidelity: NFE (x SRPO) | "
-                   "Fidelity: train s (x SRPO) |"), "|---|---:|---:|---:|---:|"]
+                   f"Fidelity: train s (x SRPO) | {NEAR_FRACTION:.0%} of the relative gain: NFE (x SRPO) | "
+                   f"{NEAR_FRACTION:.0%}: train s (x SRPO) |"), "|---|---:|---:|---:|---:|---:|---:|"]
         for m in report["methods"]:
             cells = []
-            for key in ("relative/nfe", "relative/seconds", "fidelity/nfe", "fidelity/seconds"):
+            for key in ("relative/nfe", "relative/seconds", "fidelity/nfe", "fidelity/seconds", "relative_near/nfe",
+                        "relative_near/seconds"):
                 r = a["reach"][key][m]
                 cells.append(_num(r["x"], 0 if key.endswith("nfe") else 1)
                              + ("" if r["ratio"] is None else f" ({r['ratio']:.2f}x)"))

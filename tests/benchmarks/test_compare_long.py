@@ -86,6 +86,32 @@ def test_reach_ratio_to_srpos_own_crossing(reach):
     assert reach.reach({"grpo": grpo}) == {}  # no SRPO, no reference
 
 
+def test_srpo_result_is_its_best_relative_point_that_kept_fidelity(reach):
+    rel = [(0.0, -0.2), (10.0, 0.1), (20.0, 0.3), (30.0, 0.5)]
+    fid = [(0.0, 0.96), (10.0, 0.97), (20.0, 0.96), (30.0, 0.80)]
+    assert reach.result_point(rel, fid, 0.96) == (2, True)  # 0.5 lost fidelity; 0.3 sits on the floor
+    assert reach.result_point(rel, [(x, 0.9) for x, _ in fid], 0.96) == (3, False)  # none kept it: the last
+    assert reach.result_point(rel, fid, 0.99) == (3, False)  # the base point itself never counts
+
+
+def test_analysis_reads_srpos_level_before_it_lost_fidelity(reach):
+    methods = _methods()
+    late = _pt(30, 300, 30, 0.6, 0.80, 0.2)  # SRPO's last point: more texture, fidelity gone
+    for run in methods["srpo"]["runs"]:
+        run["points"] = run["points"] + [late]
+    a = reach.analyse(_report(methods))
+    assert a["srpo_result"] == {"nfe": 200.0, "fidelity_floor": 0.96, "kept_fidelity": True,
+                                "relative": pytest.approx(0.2), "fidelity": pytest.approx(0.98)}
+    rel = a["reach"]["relative/nfe"]
+    assert rel["srpo"]["level"] == pytest.approx(0.2) and rel["grpo"]["ratio"] == pytest.approx(10.0)
+    assert "no point kept" not in reach.markdown(_report(methods), a)
+    # 95 % of SRPO's gain over its base -0.2: -0.2 + 0.95 * 0.4 = 0.18; SRPO crosses it at 100 + 0.9 * 100 = 190,
+    # GRPO at 1000 + (0.18 / 0.4) * 2000 = 1900: 10x
+    near = a["reach"]["relative_near/nfe"]
+    assert near["srpo"]["level"] == pytest.approx(0.18) and near["srpo"]["x"] == pytest.approx(190.0)
+    assert near["grpo"]["x"] == pytest.approx(1900.0) and near["grpo"]["ratio"] == pytest.approx(10.0)
+
+
 def test_objective_rise_against_two_seed_spreads(reach):
     o = reach.objective_rise(0.5, [0.6, 0.62, 0.64])  # rise 0.12, std 0.02
     assert (o["rise"], o["spread"], o["rose"]) == (pytest.approx(0.12), pytest.approx(0.02), True)
@@ -242,3 +268,16 @@ def test_tiny_end_to_end_stops_records_and_merges(long, random_world, tmp_path):
     r = _run(long, tmp_path / "cap", "srpo", "--cap-minutes", "0.001", "--eval-every-seconds", "0.01")
     (run,) = r["methods"]["srpo"]["runs"]
     assert run["stop_reason"] == "cap" and [p["step"] for p in run["points"]] == [4]
+
+
+def test_flow_grpo_is_a_variant_of_grpo_with_its_own_config(long):
+    """``flow-grpo`` runs method grpo from tiny-flow-grpo.yaml and takes the grpo section's --set overrides."""
+    cm = importlib.import_module("compare_methods")
+    assert "flow-grpo" in cm.METHODS and cm.registered_method("flow-grpo") == "grpo"
+    sets = ["grpo.eta=0.5", "srpo.rollout_steps=4", "train.learning_rate=1e-4"]
+    assert cm.own_overrides("flow-grpo", sets) == ["grpo.eta=0.5", "train.learning_rate=1e-4"]
+    assert cm.own_overrides("srpo", sets) == ["srpo.rollout_steps=4", "train.learning_rate=1e-4"]
+    cfg = cm.run_config("flow-grpo", 43, 7, Path("/tmp/unused-run"), [0], sets)
+    g = cfg.method_section
+    assert (cfg.method, g.sde, g.schedule, g.group_size, g.eta) == ("grpo", "flow", "diffusers", 8, 0.5)
+    assert (cfg.train.seed, cfg.train.steps, cfg.train.learning_rate) == (43, 7, 1e-4)

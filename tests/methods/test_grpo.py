@@ -256,7 +256,7 @@ def test_config_errors_are_one_line():
         tiny_config("grpo-fast", "grpo_fast.sde_window_size=0")
 
 
-@pytest.mark.parametrize("name", ["tiny-grpo", "tiny-grpo-fast"])
+@pytest.mark.parametrize("name", ["tiny-grpo", "tiny-flow-grpo", "tiny-grpo-fast"])
 def test_tiny_configs_train_two_steps(random_world, tmp_path, name):
     section = "grpo_fast" if name.endswith("fast") else "grpo"
     cheap = ["train.steps=2", "eval.before=false", "run.report=false", "run.progress=false", "eval.seeds=[0]",
