@@ -41,7 +41,7 @@ from directalign.errors import UserError
 from directalign.report_plots import svg_plot
 
 REACH_METRICS = ("relative", "fidelity")
-NEAR_FRACTION = 0.95  # "near SRPO's result": this share of SRPO's relative gain over the base (time_to_quality's target)
+NEAR_FRACTION = 0.95  # "near SRPO's result": this share of its relative gain over the base (as time_to_quality)
 AXES = {"nfe": "NFE", "seconds": "train s"}
 CURVE_METRICS = {"reward": "held-out reward (absolute)", "relative": "relative (textured - flat)",
                  "fidelity": "fidelity (analytic judge)"}
@@ -186,7 +186,7 @@ def analyse(report: dict) -> dict:
     for k in REACH_METRICS:
         for a in AXES:
             out["reach"][f"{k}/{a}"] = reach({m: c[f"{k}/{a}"] for m, c in out["curves"].items()}, level=levels[k])
-    if "srpo" in methods:  # near the result: a level a method on a plateau just under SRPO's still gives a ratio for
+    if "srpo" in methods:  # a level that a method levelling off just under SRPO's result still crosses
         base_rel = methods["srpo"]["base"]["relative"]
         near = base_rel + NEAR_FRACTION * (levels["relative"] - base_rel)
         for a in AXES:
@@ -273,8 +273,8 @@ def markdown(report: dict, a: dict) -> str:
         lines += [(f"SRPO's result ({where}, at {res['nfe']:,.0f} NFE on its seed-mean curve): relative "
                   f"{res['relative']:+.4f}, fidelity {res['fidelity']:.4f}. Each cell: the NFE (with + without "
                   "gradient) or training seconds at which the method's seed-mean curve first reaches it "
-                  "(interpolated between evaluations; 0: the base model is already there; -: never within the run), and in brackets its "
-                   "ratio to SRPO's own first crossing of that level."), "",
+                  "(interpolated between evaluations; 0: the base model is already there; -: never within the run), "
+                  "and in brackets its ratio to SRPO's own first crossing of that level."), "",
                   (f"The last two columns: the first crossing of {NEAR_FRACTION:.0%} of SRPO's relative gain over the "
                    f"base model (relative {a['reach']['relative_near/nfe']['srpo']['level']:+.4f}), which a method "
                    "that levels off just under SRPO's result still crosses."), "",
