@@ -82,8 +82,8 @@ METHODS = tuple(m for m in (*_registered_methods(), *VARIANTS) if config_file(m)
 QUICK_METHODS = ("srpo", "grpo", "nft", "dpo", "awm")  # one of each family of objectives
 LABELS = {"srpo": "SRPO", "direct-align": "Direct-Align", "refl": "ReFL", "draft-k": "DRaFT-K",
           "draft-lv": "DRaFT-LV", "alignprop": "AlignProp", "grpo": "DanceGRPO", "flow-grpo": "Flow-GRPO",
-          "grpo-fast": "Flow-GRPO-Fast",
-          "nft": "DiffusionNFT", "dpo": "Diffusion-DPO (online)", "awm": "AWM"}  # display names; default: the name
+          "grpo-fast": "Flow-GRPO-Fast", "nft": "DiffusionNFT", "dpo": "Diffusion-DPO (online)",
+          "awm": "AWM"}  # display names; default: the name
 METRIC_KEYS = ("reward", "relative", "own_objective", "fidelity", "textured_share", "dark_share", "saturation",
                "brightness", "colourfulness", "hf_energy", "diversity_pixel")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "compare_methods"
