@@ -227,8 +227,8 @@ def _fixed_rows(table: str) -> list[str]:
         cells = line.split(" | ")
         if len(cells) == 18:  # the finals table: drop Train s and Peak MB
             cells = cells[:16]
-        elif len(cells) == 5 and "train s" not in line:  # the reach table: drop the seconds columns
-            cells = [cells[0], cells[1], cells[3]]
+        elif len(cells) == 7 and "train s" not in line:  # the reach table: drop the three seconds columns
+            cells = [cells[0], cells[1], cells[3], cells[5]]
         rows.append(" | ".join(cells))
     return rows
 
