@@ -36,19 +36,22 @@ def _error(message: str) -> None:
     print("directalign: error: " + " ".join(message.splitlines()), file=sys.stderr)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = "sample") -> argparse.ArgumentParser:
+    """The parser of every command; ``sample``'s steering flags only when ``command`` is ``sample``, so that the
+    parsers of the other commands (and ``directalign --help``) are built without importing torch."""
     p = argparse.ArgumentParser(prog="directalign", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command")
     train_commands.add_parser(sub)
     world_commands.add_parser(sub)
-    eval_commands.add_parsers(sub)
+    eval_commands.add_parsers(sub, steer=command == "sample")
     plan_commands.add_parser(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

@@ -229,8 +229,10 @@ def _add_rewards(p) -> None:
                         "otherwise)".format(*TINY_RELATIVE_WORDS, *GENERAL_RELATIVE_WORDS))
 
 
-def add_parsers(sub) -> None:
-    """The ``sample``, ``eval``, ``compare`` and ``report`` subcommands, each with its ``run`` function."""
+def add_parsers(sub, steer: bool = True) -> None:
+    """The ``sample``, ``eval``, ``compare`` and ``report`` subcommands, each with its ``run`` function; ``sample``
+    has the ``--steer`` flags only when ``steer`` (they come from the steerers' options, whose modules import
+    torch)."""
     cfg_help = ("YAML or shipped config name for the settings and training reward (default: the run's "
                 "config.yaml, else tiny-srpo for the tiny world)")
     fmt = {"description": __doc__, "formatter_class": argparse.RawDescriptionHelpFormatter}
@@ -238,7 +240,8 @@ def add_parsers(sub) -> None:
                        **fmt)
     s.add_argument("--model", required=True, help="base | tiny-world | run dir | exported or pipeline dir")
     _add_settings(s, cfg_help)
-    steer_flags(s)
+    if steer:
+        steer_flags(s)
     s.set_defaults(run=cmd_sample)
     e = sub.add_parser("eval", help="generate with fixed seeds (or take --images) and score with several rewards",
                        **fmt)

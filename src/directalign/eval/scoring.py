@@ -13,8 +13,6 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ..rewards.registry import LOADERS
 from . import EvalError
 
@@ -122,21 +120,23 @@ def load_rewards(specs: list[str], cfg, trained: bool, relative_words: list[str]
     return out
 
 
-@torch.no_grad()
 def score_images(spec: RewardSpec, images, prompts: list[str], chunk: int = 64) -> dict:
     """Per-image absolute and relative scores (N,) and the normalised image embeddings (N, D; D = 0 when the
     reward's image state is not a tensor)."""
+    import torch  # here, not at the top: the CLI imports this module for its help text
+
     from ..rewards.relative import control_prompt
 
     scores, rel, emb = [], [], []
     r = spec.model
     dev = next(r.parameters()).device
-    for i in range(0, len(prompts), chunk):
-        im, pr = images[i : i + chunk].to(dev), prompts[i : i + chunk]
-        state = r.encode_images(im)
-        scores.append(r.score_texts(state, pr).float().cpu())
-        pos = r.score_texts(state, [control_prompt(spec.positive, p) for p in pr]).float().cpu()
-        neg = r.score_texts(state, [control_prompt(spec.negative, p) for p in pr]).float().cpu()
-        rel.append(pos - neg)
-        emb.append(state.float().cpu() if isinstance(state, torch.Tensor) else torch.zeros(len(pr), 0))
+    with torch.no_grad():
+        for i in range(0, len(prompts), chunk):
+            im, pr = images[i : i + chunk].to(dev), prompts[i : i + chunk]
+            state = r.encode_images(im)
+            scores.append(r.score_texts(state, pr).float().cpu())
+            pos = r.score_texts(state, [control_prompt(spec.positive, p) for p in pr]).float().cpu()
+            neg = r.score_texts(state, [control_prompt(spec.negative, p) for p in pr]).float().cpu()
+            rel.append(pos - neg)
+            emb.append(state.float().cpu() if isinstance(state, torch.Tensor) else torch.zeros(len(pr), 0))
     return {"score": torch.cat(scores), "relative": torch.cat(rel), "embedding": torch.cat(emb)}

@@ -18,10 +18,12 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import UserError
+
+if TYPE_CHECKING:  # torch loads in build_meta: `directalign plan --help` lists the GPUs without it
+    import torch
 
 
 class PlanError(UserError, ValueError):
@@ -105,6 +107,8 @@ def build_meta(config: dict, dtype: torch.dtype, class_name: str | None = None) 
     name = class_name or config.get("_class_name") or (config.get("architectures") or [None])[0]
     if not name:
         raise PlanError("a config.json names no class (_class_name or architectures); fix that file")
+    import torch
+
     with torch.device("meta"):
         if "_class_name" in config:
             import diffusers

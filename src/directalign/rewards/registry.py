@@ -7,8 +7,8 @@ it reads in :func:`_needs`, so that ``train`` checks them before anything loads 
 :mod:`directalign.preflight`). What ``reward.path`` holds for each kind, and each kind's score:
 :mod:`directalign.rewards.zoo`.
 
-Every loader gets the path and one :class:`RewardOptions` (the ``reward`` section's other fields, dtype resolved);
-each uses the options that apply to it. ``clamp_resized`` reaches every reward whose preprocessing resizes:
+Every loader gets the path and one :class:`RewardOptions` (the ``reward`` section's other fields, its dtype a torch
+dtype); each uses the options that apply to it. ``clamp_resized`` reaches every reward whose preprocessing resizes:
 ``True`` clips the resized image to [0, 1] as the published PIL pipelines do, ``False`` keeps the bicubic overshoot
 as the official SRPO training code does (:mod:`directalign.rewards.preprocess`).
 """
@@ -19,17 +19,37 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from ..errors import UserError
 from ..hub import clean_message
 from ..world_paths import reward_dir as tiny_world_reward_dir
-from .base import Reward
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+if TYPE_CHECKING:  # torch loads with the first reward, not with this module: `directalign --help` stays light
+    import torch
+
+    from .base import Reward
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # the values of reward.dtype
 log = logging.getLogger("directalign.rewards")
+
+
+def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """The torch dtype of a name in :data:`DTYPE_NAMES`; a ``torch.dtype`` passes through."""
+    if not isinstance(dtype, str):
+        return dtype
+    if dtype not in DTYPE_NAMES:
+        raise RewardError(f"reward.dtype {dtype!r}; choose from {', '.join(DTYPE_NAMES)}")
+    import torch
+
+    return getattr(torch, dtype)
+
+
+def __getattr__(name: str):
+    # DTYPES (name -> torch dtype) is built on first use, so that importing the registry does not import torch
+    if name == "DTYPES":
+        return {n: torch_dtype(n) for n in DTYPE_NAMES}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class RewardError(UserError, ValueError):
@@ -45,7 +65,7 @@ class RewardOptions:
     tokenizer: str = ""  # hpsv2 / pickscore / imagereward / clip: the text tokenizer when the weights have none
     clip_backbone: str = "openai/clip-vit-large-patch14"  # aesthetic: the CLIP ViT-L/14 under the MLP head
     siglip_backbone: str = "google/siglip-so400m-patch14-384"  # aesthetic-v25: the SigLIP under the MLP head
-    dtype: torch.dtype = torch.float32
+    dtype: str | torch.dtype = "float32"  # a name of DTYPE_NAMES or a torch dtype; a torch dtype in the loaders
     clamp_resized: bool = True  # clip the resized image to [0, 1] (PIL); False: as the official SRPO code
 
 
@@ -198,7 +218,7 @@ def make_reward(kind: str, path: str | Path, options: RewardOptions = RewardOpti
     loader = LOADERS.get(kind)
     if loader is None:
         raise RewardError(f"unknown reward kind {kind!r}; choose from {', '.join(LOADERS)}")
-    return loader(path, options)
+    return loader(path, dataclasses.replace(options, dtype=torch_dtype(options.dtype)))
 
 
 def build_reward(kind: str, path: str | Path, **options) -> Reward:
@@ -208,10 +228,9 @@ def build_reward(kind: str, path: str | Path, **options) -> Reward:
 
 def options_from_config(r) -> RewardOptions:
     """The :class:`RewardOptions` of a ``reward`` config section (``RewardConfig``)."""
-    if r.dtype not in DTYPES:
-        raise RewardError(f"reward.dtype {r.dtype!r}; choose from {', '.join(DTYPES)}")
+    torch_dtype(r.dtype)  # a name outside DTYPE_NAMES fails here, before anything loads
     return RewardOptions(divisor=r.divisor, use_logit_scale=r.use_logit_scale, tokenizer=r.tokenizer,
-                         clip_backbone=r.clip_backbone, siglip_backbone=r.siglip_backbone, dtype=DTYPES[r.dtype],
+                         clip_backbone=r.clip_backbone, siglip_backbone=r.siglip_backbone, dtype=r.dtype,
                          clamp_resized=r.clamp_resized)
 
 
