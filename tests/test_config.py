@@ -22,6 +22,7 @@ from directalign.config import (
     build_config,
     diff_from_defaults,
     load_config,
+    load_run_config,
     packaged_config,
     validate,
 )
@@ -456,6 +457,53 @@ def test_renamed_srpo_shift_gives_the_new_key(method, tmp_path):
             attempt()
         assert str(e.value) == expected
     assert build_config({}, [f"method={method}", "sampling.shift=2.0"]).sampling.shift == 2.0
+
+
+def _legacy_run_config(cfg: Config) -> dict:
+    """What a run of ``cfg`` saved before the per-method sections: every method's section (the others at their
+    defaults), no sampling section, the shift as srpo.shift."""
+    data = cfg.to_dict()
+    shift = data.pop("sampling")["shift"]
+    for name, owners in SECTION_OWNERS.items():
+        data.setdefault(name, dataclasses.asdict(getattr(Config(owners[0]), name)))
+    data["srpo"]["shift"] = shift
+    return data
+
+
+@pytest.mark.parametrize("method", ["srpo", "grpo", "draft-lv"])
+def test_a_run_config_of_the_old_layout_is_migrated(method, tmp_path):
+    """A run saved before the redesign: eval, report, load_run and --resume read it (other methods' sections
+    dropped, srpo.shift -> sampling.shift), each change noted once; a user's own YAML still gets the one-line error."""
+    cfg = build_config({}, [f"method={method}", "train.steps=7", "sampling.shift=2.0"])
+    f = tmp_path / "config.yaml"
+    f.write_text(yaml.safe_dump(_legacy_run_config(cfg)), encoding="utf-8")
+    notes = []
+    assert load_run_config(f, log=notes.append) == cfg
+    others = [name for name in SECTION_OWNERS if name != METHODS[method].section]
+    assert notes == [f"{f}: written by an older directalign; srpo.shift is now sampling.shift (= 2.0)",
+                     f"{f}: written by an older directalign; dropped the sections of other methods "
+                     f"({', '.join(others)}): method {method} does not read them"]
+    assert load_run_config(f, ["train.steps=9"], log=notes.append).train.steps == 9
+    with pytest.raises(ConfigError, match="renamed; use sampling.shift"):
+        load_config(f)
+    # a run of today's layout is read as it is, with nothing to note
+    f.write_text(cfg.to_yaml(), encoding="utf-8")
+    notes.clear()
+    assert load_run_config(f, log=notes.append) == cfg and notes == []
+    # a set sampling.shift wins over the old key
+    legacy = _legacy_run_config(cfg)
+    legacy["sampling"] = {"shift": 1.5}
+    f.write_text(yaml.safe_dump(legacy), encoding="utf-8")
+    assert load_run_config(f, log=notes.append).sampling.shift == 1.5
+
+
+def test_load_run_reads_an_old_run_dir(tmp_path):
+    from directalign.api import load_run
+
+    cfg = build_config({}, ["method=refl", "sampling.shift=2.5"])
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(_legacy_run_config(cfg)), encoding="utf-8")
+    run = load_run(tmp_path)
+    assert run.config == cfg and run.config.sampling.shift == 2.5
 
 
 # --------------------------------------------------------------------------------------------------- Config values

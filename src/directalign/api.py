@@ -73,11 +73,11 @@ def resume_config(run_dir, overrides: list[str] | None = None):
     """The config to resume the run in ``run_dir`` with: its own ``config.yaml``, ``run.output_dir`` = ``run_dir``,
     plus ``overrides`` that do not change the trajectory (``train.steps``, ``model.device``, ``model.path``,
     ``train.distributed``, ``eval.*``, ``run.*``); any other override is a one-line :class:`RunError`."""
-    from .config import load_config as load_file
+    from .config import load_run_config
 
     cfg_file = _run_config_file(run_dir, "--resume")
-    base = load_file(cfg_file)
-    cfg = load_file(cfg_file, overrides)
+    base = load_run_config(cfg_file)
+    cfg = load_run_config(cfg_file, overrides, log=lambda note: None)  # the notes were given once, just above
     changed = _changed_keys(base, cfg)
     for key, (old, new) in changed.items():
         if key not in RESUME_FREE_KEYS and not key.startswith(RESUME_FREE_SECTIONS):
@@ -157,7 +157,7 @@ def load_run(run_dir) -> Run:
     fine-tuned model (after training finished: a run still training has no export yet)."""
     import json
 
-    from .config import load_config as load_file
+    from .config import load_run_config
     from .logging_utils import read_heldout, read_metrics
 
     cfg_file = _run_config_file(run_dir, "load_run:")
@@ -169,7 +169,7 @@ def load_run(run_dir) -> Run:
     except ValueError:
         raise RunError(f"load_run: {str(path / 'summary.json')!r} is not valid JSON; rerun the final evaluation "
                        "(directalign eval) or delete the file") from None
-    return Run(path, load_file(cfg_file), summary, read_metrics(path), read_heldout(path))
+    return Run(path, load_run_config(cfg_file), summary, read_metrics(path), read_heldout(path))
 
 
 def steered_sample(model: str = "tiny-world", prompts: list[str] | None = None, *, method: str = "best-of-n",

@@ -9,6 +9,7 @@ naming its new place. ``directalign train --print-config`` shows the resolved co
 from __future__ import annotations
 
 import dataclasses
+import logging
 from importlib import resources
 from pathlib import Path
 
@@ -24,6 +25,7 @@ DEFAULT_METHOD = "srpo"
 # Keys that moved, and where to: a config that still uses one gets a one-line hint.
 RENAMED = {"srpo.shift": "sampling.shift"}
 TERM_KINDS = tuple(k for k in REWARD_KINDS if k != "sum")
+_log = logging.getLogger("directalign")
 
 
 class Config:
@@ -233,6 +235,43 @@ def load_config(path=None, overrides: list[str] | None = None) -> Config:
     which for ``sampling``, ``train`` and the method's section is the FLUX.1-dev setting of the official code, not the
     tiny job's (:mod:`directalign.config_sources` says which key comes from where; ``--print-config`` marks them)."""
     return build_config(load_yaml(path) if path else {}, overrides)
+
+
+def migrate_run_config(data: dict) -> tuple[dict, list[str]]:
+    """A run's saved ``config.yaml`` (as a dict) in today's layout, and one note per change made.
+
+    Runs written before the per-method sections saved every method's section (the chosen one, the others at their
+    defaults, where they did nothing) and the schedule shift as ``srpo.shift``. Here the sections of other methods
+    are dropped and ``srpo.shift`` becomes ``sampling.shift`` (unless that is set), so ``eval``, ``report``,
+    ``load_run`` and ``--resume`` read such a run instead of stopping on a key it could not help holding."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    method = data.get("method", DEFAULT_METHOD)
+    if not isinstance(method, str) or method not in METHODS:
+        return data, []  # build_config names the problem
+    notes = []
+    srpo = data.get("srpo")
+    if isinstance(srpo, dict) and "shift" in srpo and isinstance(data.setdefault("sampling", {}), dict):
+        shift = srpo.pop("shift")
+        if "shift" not in data["sampling"]:
+            data["sampling"]["shift"] = shift
+        notes.append(f"srpo.shift is now sampling.shift (= {data['sampling']['shift']})")
+    own = METHODS[method].section
+    others = [name for name in sections() if name != own and name in data]
+    for name in others:
+        del data[name]
+    if others:
+        notes.append(f"dropped the sections of other methods ({', '.join(others)}): method {method} does not read "
+                     "them")
+    return data, notes
+
+
+def load_run_config(path, overrides: list[str] | None = None, log=None) -> Config:
+    """The config of a run from its saved ``config.yaml`` at ``path`` (through :func:`migrate_run_config`, each
+    change reported to ``log``), plus the ``key=value`` overrides."""
+    data, notes = migrate_run_config(load_yaml(path))
+    for note in notes:
+        (log or _log.warning)(f"{path}: written by an older directalign; {note}")
+    return build_config(data, overrides)
 
 
 def diff_from_defaults(cfg: Config) -> dict:

@@ -53,7 +53,7 @@ def resolve_model(spec: str, settings_cfg=None, base: str | None = None, arg: st
     """What ``spec`` names (nothing is loaded). ``base`` is the base for bare transformer / LoRA directories.
     Errors name ``spec`` as the argument ``arg`` the user gave it with (``--model``, ``--baseline``, a positional
     ``MODEL`` of ``compare``) and, with ``eval_dirs``, list eval output directories among what it may be."""
-    from ..config import load_config
+    from ..config import load_run_config
 
     also = ", an eval output directory (aggregate.json)" if eval_dirs else ""
 
@@ -66,7 +66,7 @@ def resolve_model(spec: str, settings_cfg=None, base: str | None = None, arg: st
     if p.is_dir():
         label = p.resolve().name
         if (p / "config.yaml").is_file():
-            cfg = load_config(p / "config.yaml")
+            cfg = load_run_config(p / "config.yaml")
             if not (p / "export" / "lora").is_dir() and not (p / "export" / "transformer").is_dir():
                 raise EvalError(f"run {spec!r} has no export/lora or export/transformer; it has not finished "
                                 "training (continue it with `directalign train --resume`)")
