@@ -209,11 +209,33 @@ def _aggregate_section(agg: dict) -> str:
     return _table(["metric", "mean", "95% CI low", "95% CI high"], rows)
 
 
+def _source_thumbnails(cfg, prompts: list[str]) -> dict:
+    """``{prompt: PIL image}``: each held-out prompt's source image at the samples' size, for a family that edits
+    images (Qwen-Image-Edit); ``{}`` for text-to-image, or when the manifest or an image cannot be read (the run
+    itself checked them; the report still renders)."""
+    from .source_images import load_source_image, manifest_images, needs_source_images
+
+    try:
+        if not needs_source_images(cfg.model.family):
+            return {}
+        images = manifest_images(cfg.eval.prompts)
+    except (UserError, OSError, KeyError):
+        return {}
+    size = (cfg.model.width * GRID_UPSCALE, cfg.model.height * GRID_UPSCALE)
+    out = {}
+    for prompt in prompts:
+        try:
+            out[prompt] = load_source_image(images[prompt]).resize(size)
+        except (UserError, OSError, KeyError):
+            continue
+    return out
+
+
 def render_report(run_dir: Path) -> str:
     """The report's HTML for ``run_dir`` (see the module docstring)."""
     from PIL import Image
 
-    from .config import load_config
+    from .config import load_run_config
     from .engine.config import ConfigError
     from .logging_utils import read_heldout, read_metrics
     from .prompts import PromptError, load_prompts
@@ -222,7 +244,7 @@ def render_report(run_dir: Path) -> str:
     cfg_path = run_dir / "config.yaml"
     cfg_text = cfg_path.read_text(encoding="utf-8")
     try:
-        cfg = load_config(cfg_path)
+        cfg = load_run_config(cfg_path)
     except ConfigError:
         cfg = None
     summary = _load_json(run_dir / "summary.json") or _load_json(run_dir / "summary_before.json")
@@ -306,8 +328,13 @@ def render_report(run_dir: Path) -> str:
                     f"{cfg.eval.guidance}; shown at {GRID_UPSCALE}x.</p>")
         rows = []
         k = len(seeds)
+        sources = _source_thumbnails(cfg, prompts)  # an edit family: the image each prompt edits
         for i, prompt in enumerate(prompts):
             cells = [f'<td class="prompt">{html.escape(prompt)}</td>']
+            if sources:
+                im = sources.get(prompt)
+                cells.append(f'<td><img class="sample" src="{png_data_uri(im)}" width="{im.width}" '
+                             f'height="{im.height}" alt="source: {html.escape(prompt)}"></td>' if im else "<td>-</td>")
             for side in ("before", "after"):
                 t = tiles.get(side)
                 if t:
@@ -317,7 +344,8 @@ def render_report(run_dir: Path) -> str:
                 else:
                     cells.append("<td>-</td>")
             rows.append("<tr>" + "".join(cells) + "</tr>")
-        body.append('<table><tr><th class="l">prompt</th><th>base model</th><th>tuned model</th></tr>'
+        source_head = "<th>source image</th>" if sources else ""
+        body.append(f'<table><tr><th class="l">prompt</th>{source_head}<th>base model</th><th>tuned model</th></tr>'
                     + "".join(rows) + "</table>")
     elif grids:
         for side, grid in grids.items():

@@ -57,3 +57,49 @@ def test_report_warns_on_drift(tmp_path):
     assert 'class="warn"' in text and "saturation moved by" in text and "diversity_pixel fell by" in text
     assert "No summary.json" in text
     assert text.count('<svg class="plot"') == 4
+
+
+def test_report_of_an_edit_run_shows_each_prompts_source_image(tmp_path):
+    """Qwen-Image-Edit: the samples table has the image each held-out prompt edits beside base and tuned."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from directalign.config import build_config
+    from directalign.report import GRID_UPSCALE, render_report
+    from directalign.report_images import save_grid
+
+    prompts = ["make the circle blue", "add a square"]
+    (tmp_path / "src").mkdir()
+    colours = [(255, 0, 0), (0, 128, 255)]
+    for i, c in enumerate(colours):
+        Image.fromarray(np.full((48, 64, 3), c, dtype=np.uint8)).save(tmp_path / "src" / f"s{i}.png")
+    manifest = tmp_path / "edits.jsonl"
+    manifest.write_text("".join(json.dumps({"prompt": p, "image": f"src/s{i}.png"}) + "\n"
+                                for i, p in enumerate(prompts)))
+    cfg = build_config({}, ["model.family=qwen-image-edit", "model.height=16", "model.width=16",
+                            f"eval.prompts={manifest}", "eval.seeds=[0,1]"])
+    run = tmp_path / "run"
+    (run / "samples").mkdir(parents=True)
+    (run / "config.yaml").write_text(cfg.to_yaml())
+    for side in ("before", "after"):
+        save_grid(torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)), run / "samples" / f"{side}.png",
+                  ncol=8)
+    text = render_report(run)
+    assert "<th>source image</th><th>base model</th><th>tuned model</th>" in text
+    side = 16 * GRID_UPSCALE
+    for prompt in prompts:
+        assert f'width="{side}" height="{side}" alt="source: {prompt}"' in text
+    # the embedded thumbnails are the manifest's images, in prompt order
+    import base64
+    import io
+    import re
+
+    uris = re.findall(r'src="data:image/png;base64,([^"]+)" width="\d+" height="\d+" alt="source: ', text)
+    got = [np.asarray(Image.open(io.BytesIO(base64.b64decode(u))).convert("RGB"))[0, 0].tolist() for u in uris]
+    assert got == [list(c) for c in colours]
+    # a text-to-image run has no such column
+    (run / "config.yaml").write_text(build_config({}, ["model.height=16", "model.width=16", f"eval.prompts={manifest}",
+                                                       "eval.seeds=[0,1]"]).to_yaml())
+    text = render_report(run)
+    assert "source image" not in text and "<th>base model</th><th>tuned model</th>" in text
