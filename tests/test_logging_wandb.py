@@ -33,11 +33,17 @@ class FakeImage:
         self.path, self.caption = path, caption
 
 
-def fake_wandb(fail: Exception | None = None) -> types.ModuleType:
+def fake_wandb(fail: Exception | None = None, logged_in: bool = True) -> types.ModuleType:
     m = types.ModuleType("wandb")
     m.__spec__ = importlib.machinery.ModuleSpec("wandb", None)  # diffusers probes find_spec("wandb")
-    m.inits, m.logs, m.finished = [], [], 0
+    m.inits, m.logs, m.finished, m.logins = [], [], 0, []
     m.Image = FakeImage
+
+    def login(prompt=True, verify=False):
+        m.logins.append({"prompt": prompt, "verify": verify})
+        return logged_in
+
+    m.login = login
 
     def init(**kwargs):
         m.inits.append(kwargs)
@@ -104,6 +110,46 @@ def test_wandb_missing_is_one_line_before_the_model_loads(random_world, tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "pip install wandb" in err[0]
     assert not (tmp_path / "cli-run").exists()
+
+
+def test_wandb_without_a_key_fails_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    """Online W&B with no API key: one line before anything loads; offline modes and a wandb too old for
+    ``login(prompt=)`` are not asked."""
+    import directalign.training as training
+    from directalign.cli import main
+    from directalign.logging_utils import check_wandb_login
+
+    wandb = fake_wandb(logged_in=False)
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+
+    def no_load(*_a, **_k):
+        raise AssertionError("the model loaded before the missing W&B key was reported")
+
+    monkeypatch.setattr(training, "load_adapter", no_load)
+    code = main(["train", "--set", "run.wandb=true", "--set", f"run.output_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "no W&B API key" in err[0] and "wandb login" in err[0], err
+    assert wandb.logins == [{"prompt": False, "verify": False}] and wandb.inits == []
+    assert not (tmp_path / "run").exists()
+    for mode in ("offline", "disabled", " Dryrun "):
+        monkeypatch.setenv("WANDB_MODE", mode)
+        check_wandb_login(wandb)
+    assert len(wandb.logins) == 1
+    monkeypatch.setenv("WANDB_MODE", "online")
+    check_wandb_login(fake_wandb(logged_in=True))
+
+    old = fake_wandb()
+    old.login = lambda key=None, relogin=None, host=None, force=None, timeout=None, verify=False: True
+    check_wandb_login(old)  # no prompt= (older wandb): no call that could prompt, wandb.init reports instead
+
+    def broken(prompt=True, verify=False):
+        raise RuntimeError("invalid host https://nowhere\nmore")
+
+    bad = fake_wandb()
+    bad.login = broken
+    with pytest.raises(LoggingError, match=r"^run.wandb=true: wandb.login failed \(invalid host https://nowhere\);"):
+        check_wandb_login(bad)
 
 
 def test_wandb_init_failure_is_one_line_and_leaves_the_logs(tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import secrets
 from pathlib import Path
 
@@ -40,9 +41,30 @@ def import_wandb():
 
 
 def check_loggers(run_cfg) -> None:
-    """Fail fast (before any model loads) when an optional logger the run asks for is not installed."""
+    """Fail fast (before any model loads) when an optional logger the run asks for is not installed, or (W&B
+    online) has no credentials."""
     if getattr(run_cfg, "wandb", False):
-        import_wandb()
+        check_wandb_login(import_wandb())
+
+
+def check_wandb_login(wandb) -> None:
+    """A one-line :class:`LoggingError` when W&B would log online without an API key (``WANDB_API_KEY``, a
+    settings file or ``~/.netrc``): without this, ``wandb.init`` fails (or prompts) only after the model loaded.
+    Asks ``wandb.login(prompt=False, verify=False)``, which reads the key without a prompt or the network
+    (https://docs.wandb.ai/ref/python/functions/login); a wandb too old for ``prompt=`` is left to ``wandb.init``."""
+    if os.environ.get("WANDB_MODE", "").strip().lower() in ("offline", "dryrun", "disabled"):
+        return
+    try:
+        logged_in = wandb.login(prompt=False, verify=False)
+    except TypeError:  # no prompt= before wandb added it: it would prompt, so leave the check to wandb.init
+        return
+    except Exception as e:  # wandb's own error types (a bad settings file, a bad host)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LoggingError(f"run.wandb=true: wandb.login failed ({first}); run `wandb login`, or set "
+                           "WANDB_MODE=offline to log locally, or set run.wandb=false") from None
+    if logged_in is False:
+        raise LoggingError("run.wandb=true: no W&B API key (WANDB_API_KEY, ~/.netrc); run `wandb login`, or set "
+                           "WANDB_MODE=offline to log locally, or set run.wandb=false")
 
 
 class MetricsLogger:
