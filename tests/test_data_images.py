@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from directalign.data import DataError, load_offline, to_rgb
+from directalign.data import DataError, load_offline, to_rgb, to_srgb
 from directalign.data import _load_image as load_image
 
 MEAN_16 = 0.594
@@ -138,6 +139,67 @@ def test_exif_orientation_is_applied(tmp_path):
     img = load_image(path, 16, 32)
     assert float(img[2, :, :8].mean()) > 0.9 and float(img[0, :, :8].mean()) < 0.1  # blue now on the left
     assert float(img[0, :, -8:].mean()) > 0.9
+
+
+def _linear_rgb_icc(description: str = "Linear RGB, sRGB primaries") -> bytes:
+    """An ICC v2 display profile with sRGB's primaries (D50-adapted, as in the sRGB profile) and an identity tone
+    curve: linear light. Built field by field from the ICC.1 spec, so the test needs no profile file."""
+    def s15(x):
+        return struct.pack(">i", round(x * 65536))
+
+    def xyz(x, y, z):
+        return b"XYZ " + bytes(4) + s15(x) + s15(y) + s15(z)
+
+    text = description.encode("ascii") + b"\0"
+    desc = b"desc" + bytes(4) + struct.pack(">I", len(text)) + text + bytes(8) + bytes(3) + bytes(67)
+    curve = b"curv" + bytes(4) + struct.pack(">I", 0)  # no entries: the identity
+    data = {"desc": desc, "wtpt": xyz(0.9642, 1.0, 0.8249), "rXYZ": xyz(0.4361, 0.2225, 0.0139),
+            "gXYZ": xyz(0.3851, 0.7169, 0.0971), "bXYZ": xyz(0.1431, 0.0606, 0.7141), "rTRC": curve}
+    tags = [*data, "gTRC", "bTRC"]  # the three curves share one element
+    offset, body, where = 128 + 4 + 12 * len(tags), b"", {}
+    for sig, blob in data.items():
+        where[sig] = (offset + len(body), len(blob))
+        body += blob + bytes(-len(blob) % 4)
+    where["gTRC"] = where["bTRC"] = where["rTRC"]
+    table = struct.pack(">I", len(tags)) + b"".join(sig.encode() + struct.pack(">II", *where[sig]) for sig in tags)
+    size = 128 + len(table) + len(body)
+    header = (struct.pack(">I", size) + bytes(4) + bytes([2, 0x10, 0, 0]) + b"mntrRGB XYZ "
+              + struct.pack(">6H", 2026, 1, 1, 0, 0, 0) + b"acsp" + bytes(24) + struct.pack(">I", 0)
+              + s15(0.9642) + s15(1.0) + s15(0.8249) + bytes(48))
+    assert len(header) == 128
+    return header + table + body
+
+
+def _srgb_encode(linear: float) -> float:
+    """IEC 61966-2-1's transfer function: linear light in [0, 1] -> the stored sRGB value in [0, 1]."""
+    return 12.92 * linear if linear <= 0.0031308 else 1.055 * linear ** (1 / 2.4) - 0.055
+
+
+def test_a_colour_profile_is_converted_to_srgb(tmp_path, caplog):
+    """A PNG stored in linear light with its profile is read as the sRGB image it shows; an sRGB-tagged or untagged
+    file keeps its exact pixels; a profile that cannot be applied leaves the pixels, with a warning."""
+    from PIL import ImageCms
+
+    arr = np.zeros((8, 8, 3), dtype=np.uint8)
+    arr[:4] = 64  # grey rows: linear 64/255 and 128/255
+    arr[4:] = 128
+    arr[:, :2] = (255, 0, 0)  # a primary: the same red in both spaces
+    im = Image.fromarray(arr)
+    linear = tmp_path / "linear.png"
+    im.save(linear, icc_profile=_linear_rgb_icc())
+    got = load_image(linear, 8, 8).permute(1, 2, 0).numpy() * 255
+    assert got[0, 4] == pytest.approx([_srgb_encode(64 / 255) * 255] * 3, abs=1.0)  # 137.2, not 64
+    assert got[6, 4] == pytest.approx([_srgb_encode(128 / 255) * 255] * 3, abs=1.0)  # 187.8, not 128
+    assert got[0, 0] == pytest.approx([255, 0, 0], abs=1.0)
+    for name, kwargs in (("srgb.png", {"icc_profile": ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+                                       .tobytes()}), ("plain.png", {})):
+        im.save(tmp_path / name, **kwargs)
+        assert np.array_equal(np.round(load_image(tmp_path / name, 8, 8).permute(1, 2, 0).numpy() * 255), arr)
+    broken = Image.fromarray(arr)
+    broken.info["icc_profile"] = b"not a profile"
+    with caplog.at_level("WARNING", logger="directalign"):
+        assert to_srgb(broken, "x.png") is broken
+    assert "image x.png: its colour profile cannot be applied" in caplog.text
 
 
 @pytest.mark.parametrize("make,needle", [

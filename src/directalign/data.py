@@ -12,13 +12,15 @@ in [0, 1]; every file is checked at load time so that a corrupt image stops the 
 Every image mode Pillow opens is either converted to RGB in [0, 1] or refused with one line (see :func:`to_rgb`):
 8-bit modes through Pillow's own conversions, transparency composited over white, 16- and 32-bit integer grayscale
 scaled by the range of their stored integer type (a 16-bit PNG's 65535 is 1.0, not 255), 32-bit float grayscale
-taken as is when it lies in [0, 1]. The EXIF orientation tag is applied, as image viewers do. Pillow's modes:
+taken as is when it lies in [0, 1]. The EXIF orientation tag is applied, as image viewers do, and an embedded
+colour profile is converted to sRGB. Pillow's modes:
 https://pillow.readthedocs.io/en/stable/handbook/concepts.html#modes
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,8 @@ import numpy as np
 import torch
 
 from .errors import UserError
+
+log = logging.getLogger("directalign")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -63,15 +67,43 @@ def _stored_type(rawmode: str | None) -> tuple[int, bool] | None:
     return int(m.group(1)), bool(m.group(2))
 
 
+def to_srgb(im, path):
+    """``im`` converted from its embedded ICC colour profile to sRGB, the space the models and rewards saw in
+    training; an image without a profile, or with an sRGB one, comes back as it is (the same pixels).
+
+    A Display P3 or Adobe RGB photo read without its profile looks desaturated to the model, as in a browser that
+    ignores profiles. A profile LittleCMS (Pillow's ``ImageCms``) cannot apply is skipped with a warning: the pixels
+    are then read as sRGB, which is what every reader without colour management does."""
+    icc = im.info.get("icc_profile")
+    if not icc or im.mode not in ("RGB", "RGBA", "L", "CMYK"):
+        return im
+    import io
+
+    from PIL import ImageCms
+
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        if ImageCms.getProfileDescription(source).strip().lower().startswith("srgb"):
+            return im  # "sRGB IEC61966-2.1", "sRGB built-in", ...: the pixels already are sRGB ("Linear sRGB" is not)
+        return ImageCms.profileToProfile(im, source, ImageCms.createProfile("sRGB"),
+                                         outputMode="RGBA" if im.mode == "RGBA" else "RGB")
+    except (OSError, ValueError, ImageCms.PyCMSError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        log.warning(f"image {path}: its colour profile cannot be applied ({first}); its pixels are read as sRGB")
+        return im
+
+
 def to_rgb(im, rawmode: str | None, path):
     """``im`` (a loaded PIL image) as an 8-bit ``RGB`` PIL image, or as a float32 (H, W) grayscale array in [0, 1]
     for 16- and 32-bit images (kept in float so their extra precision survives resizing).
 
     ``rawmode`` is how the file's pixels were stored (the decoder's raw mode, read before loading): it tells a
     16-bit from a 32-bit integer image, both of which Pillow may open as mode ``I``. Raises :class:`DataError`
-    for a mode or a range that has no faithful RGB reading."""
+    for a mode or a range that has no faithful RGB reading. An embedded colour profile is converted to sRGB
+    (:func:`to_srgb`)."""
     from PIL import Image
 
+    im = to_srgb(im, path)
     mode = im.mode
     if mode in _SIXTEEN_BIT:
         return np.asarray(im).astype(np.float32) / 65535.0

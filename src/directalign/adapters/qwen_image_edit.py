@@ -122,8 +122,10 @@ class EditEmbeds:
 def _open_rgb(path):
     from PIL import Image, ImageOps
 
+    from ..data import to_srgb
+
     with Image.open(path) as im:
-        return ImageOps.exif_transpose(im).convert("RGB")
+        return to_srgb(ImageOps.exif_transpose(im), path).convert("RGB")
 
 
 class QwenImageEditAdapter(QwenImageAdapter):
