@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,6 +48,7 @@ from compare_methods import (
     machine_info,
     peak_memory_mb,
     run_config,
+    run_worker,
 )
 from compare_reach import CompareError, merge, read_report, stop_reason, write_outputs
 from time_to_quality import next_session_steps
@@ -140,25 +140,8 @@ WORKERS = {"base": worker_base, "run": worker_run}
 
 
 def call_worker(kind: str, spec: dict, in_process: bool, log_dir: Path) -> dict:
-    """A worker in this process or (default) in a fresh one, so its peak memory is its own (as compare_methods)."""
-    if in_process:
-        return WORKERS[kind](spec)
-    log_dir.mkdir(parents=True, exist_ok=True)
-    name = f"{kind}-{spec['method']}" + (f"-seed{spec['seed']}" if "seed" in spec else "")
-    spec_path, out_path = log_dir / f"{name}.spec.json", log_dir / f"{name}.result.json"
-    spec_path.write_text(json.dumps(spec))
-    out_path.unlink(missing_ok=True)
-    with open(log_dir / f"{name}.log", "w") as fh:
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--spec",
-                               str(spec_path), "--result", str(out_path)], stdout=fh, stderr=subprocess.STDOUT,
-                              check=False)
-    if proc.returncode != 0 or not out_path.is_file():
-        tail = (log_dir / f"{name}.log").read_text()[-3000:]
-        raise RuntimeError(f"worker {name} failed (exit {proc.returncode}); log tail:\n{tail}")
-    result = json.loads(out_path.read_text())
-    spec_path.unlink()
-    out_path.unlink()
-    return result
+    """A worker of this script in this process or (default) in a fresh one (compare_methods.run_worker)."""
+    return run_worker(WORKERS, Path(__file__).resolve(), kind, spec, in_process, log_dir)
 
 
 # ------------------------------------------------------------------------------------------------------ main

@@ -240,18 +240,19 @@ def worker_run(spec: dict) -> dict:
 WORKERS = {"base": worker_base, "calibrate": worker_calibrate, "run": worker_run}
 
 
-def call_worker(kind: str, spec: dict, in_process: bool, log_dir: Path) -> dict:
-    """Run a worker in this process or (default) in a fresh one, so its peak memory is its own."""
+def run_worker(workers: dict, script: Path, kind: str, spec: dict, in_process: bool, log_dir: Path) -> dict:
+    """``workers[kind](spec)`` in this process, or (default) in a fresh one that runs ``script --worker kind``, so
+    that its peak memory is its own; the fresh process's output goes to ``log_dir/<kind>-<method>[-seedN].log``."""
     if in_process:
-        return WORKERS[kind](spec)
+        return workers[kind](spec)
     log_dir.mkdir(parents=True, exist_ok=True)
     name = f"{kind}-{spec.get('method', 'base')}" + (f"-seed{spec['seed']}" if "seed" in spec else "")
     spec_path, out_path = log_dir / f"{name}.spec.json", log_dir / f"{name}.result.json"
     spec_path.write_text(json.dumps(spec))
     out_path.unlink(missing_ok=True)
     with open(log_dir / f"{name}.log", "w") as fh:
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--spec",
-                               str(spec_path), "--result", str(out_path)], stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.run([sys.executable, str(script), "--worker", kind, "--spec", str(spec_path), "--result",
+                               str(out_path)], stdout=fh, stderr=subprocess.STDOUT, check=False)
     if proc.returncode != 0 or not out_path.is_file():
         tail = (log_dir / f"{name}.log").read_text()[-3000:]
         raise RuntimeError(f"worker {name} failed (exit {proc.returncode}); log tail:\n{tail}")
@@ -259,6 +260,11 @@ def call_worker(kind: str, spec: dict, in_process: bool, log_dir: Path) -> dict:
     spec_path.unlink()
     out_path.unlink()  # everything it held goes into results.json; the log stays
     return result
+
+
+def call_worker(kind: str, spec: dict, in_process: bool, log_dir: Path) -> dict:
+    """A worker of this script (:func:`run_worker`)."""
+    return run_worker(WORKERS, Path(__file__).resolve(), kind, spec, in_process, log_dir)
 
 
 # ------------------------------------------------------------------------------------------------- planning
