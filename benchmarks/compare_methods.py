@@ -2,7 +2,7 @@
 of held-out reward against the number of model evaluations (NFE).
 
     python benchmarks/compare_methods.py                       # every method x 3 seeds in a 42-minute budget
-    python benchmarks/compare_methods.py --quick               # SRPO, GRPO, NFT, DPO, AWM, 1 seed, 15 minutes
+    python benchmarks/compare_methods.py --quick               # SRPO, Flow-GRPO, NFT, DPO, AWM, 1 seed, 15 minutes
     python benchmarks/compare_methods.py --plan-only           # calibrate, print the planned steps and time, stop
     python benchmarks/compare_methods.py --methods srpo,grpo --seeds 1 --steps all=20
 
@@ -79,7 +79,7 @@ def registered_method(name: str) -> str:
 
 # Every registered method that ships a tiny-world config (tiny-<method>.yaml) takes part, then the variants.
 METHODS = tuple(m for m in (*_registered_methods(), *VARIANTS) if config_file(m).is_file())
-QUICK_METHODS = ("srpo", "grpo", "nft", "dpo", "awm")  # one of each family of objectives
+QUICK_METHODS = ("srpo", "flow-grpo", "nft", "dpo", "awm")  # one of each family of objectives
 LABELS = {"srpo": "SRPO", "direct-align": "Direct-Align", "refl": "ReFL", "draft-k": "DRaFT-K",
           "draft-lv": "DRaFT-LV", "alignprop": "AlignProp", "grpo": "DanceGRPO", "flow-grpo": "Flow-GRPO",
           "grpo-fast": "Flow-GRPO-Fast", "nft": "DiffusionNFT", "dpo": "Diffusion-DPO (online)",

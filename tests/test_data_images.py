@@ -202,6 +202,28 @@ def test_a_colour_profile_is_converted_to_srgb(tmp_path, caplog):
     assert "image x.png: its colour profile cannot be applied" in caplog.text
 
 
+def test_a_profiled_image_keeps_its_transparency(tmp_path):
+    """A transparent colour (PNG tRNS) or a palette beside a non-sRGB profile: the transparent pixels still flatten
+    to white, and only the visible colours go through the profile (a palette's colours included)."""
+    arr = np.full((8, 8, 3), 128, dtype=np.uint8)
+    arr[:, :4] = 64  # the transparent colour on the left half
+    rgb = tmp_path / "trns.png"
+    Image.fromarray(arr).save(rgb, icc_profile=_linear_rgb_icc(), transparency=(64, 64, 64))
+    palette = tmp_path / "palette.png"
+    two_colours = Image.fromarray(arr).convert("P", palette=Image.Palette.ADAPTIVE, colors=2)
+    two_colours.save(palette, icc_profile=_linear_rgb_icc())
+    with Image.open(rgb) as opened:
+        assert opened.mode == "RGB" and opened.info["transparency"] == (64, 64, 64)
+    got = load_image(rgb, 8, 8).permute(1, 2, 0).numpy() * 255
+    assert got[3, 1] == pytest.approx([255] * 3, abs=0.5)  # transparent: the white background
+    assert got[3, 6] == pytest.approx([_srgb_encode(128 / 255) * 255] * 3, abs=1.0)  # 187.8: converted
+    with Image.open(palette) as opened:
+        assert opened.mode == "P" and np.array_equal(np.asarray(opened.convert("RGB")), arr)  # exact palette colours
+    got = load_image(palette, 8, 8).permute(1, 2, 0).numpy() * 255
+    assert got[3, 1] == pytest.approx([_srgb_encode(64 / 255) * 255] * 3, abs=1.0)  # 137.2: the palette converted
+    assert got[3, 6] == pytest.approx([_srgb_encode(128 / 255) * 255] * 3, abs=1.0)
+
+
 @pytest.mark.parametrize("make,needle", [
     (lambda: Image.fromarray(np.full((4, 4), 2.0, dtype=np.float32)), "values in [2, 2], outside [0, 1]"),
     (lambda: Image.fromarray(np.full((4, 4), np.nan, dtype=np.float32)), "non-finite values"),

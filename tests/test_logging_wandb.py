@@ -140,8 +140,15 @@ def test_wandb_without_a_key_fails_before_the_model_loads(tmp_path, monkeypatch,
     check_wandb_login(fake_wandb(logged_in=True))
 
     old = fake_wandb()
-    old.login = lambda key=None, relogin=None, host=None, force=None, timeout=None, verify=False: True
+    old_calls = []
+
+    def old_login(key=None, relogin=None, host=None, force=None, timeout=None, verify=False):
+        old_calls.append({"key": key, "relogin": relogin, "host": host, "force": force, "verify": verify})
+        return True  # a call without prompt= would reach here (and, in a real old wandb, could prompt)
+
+    old.login = old_login
     check_wandb_login(old)  # no prompt= (older wandb): no call that could prompt, wandb.init reports instead
+    assert old_calls == []
 
     def broken(prompt=True, verify=False):
         raise RuntimeError("invalid host https://nowhere\nmore")

@@ -72,10 +72,12 @@ def to_srgb(im, path):
     training; an image without a profile, or with an sRGB one, comes back as it is (the same pixels).
 
     A Display P3 or Adobe RGB photo read without its profile looks desaturated to the model, as in a browser that
-    ignores profiles. A profile LittleCMS (Pillow's ``ImageCms``) cannot apply is skipped with a warning: the pixels
-    are then read as sRGB, which is what every reader without colour management does."""
+    ignores profiles. Transparency survives: a transparent colour or palette entry (PNG ``tRNS``) becomes an alpha
+    channel first, and only the colour channels go through the profile. A profile LittleCMS (Pillow's ``ImageCms``)
+    cannot apply is skipped with a warning: the pixels are then read as sRGB, which is what every reader without
+    colour management does."""
     icc = im.info.get("icc_profile")
-    if not icc or im.mode not in ("RGB", "RGBA", "L", "CMYK"):
+    if not icc or im.mode not in ("RGB", "RGBA", "L", "LA", "P", "PA", "CMYK"):
         return im
     import io
 
@@ -85,8 +87,16 @@ def to_srgb(im, path):
         source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
         if ImageCms.getProfileDescription(source).strip().lower().startswith("srgb"):
             return im  # "sRGB IEC61966-2.1", "sRGB built-in", ...: the pixels already are sRGB ("Linear sRGB" is not)
-        return ImageCms.profileToProfile(im, source, ImageCms.createProfile("sRGB"),
-                                         outputMode="RGBA" if im.mode == "RGBA" else "RGB")
+        if im.mode in ("P", "PA"):  # a palette's colours are in the profile's space too
+            im = im.convert("RGBA" if im.mode == "PA" or "transparency" in im.info else "RGB")
+        elif im.mode in ("L", "RGB") and "transparency" in im.info:
+            im = im.convert(im.mode + "A")  # LA / RGBA: the transparent colour as alpha, before its colour changes
+        alpha = im.getchannel("A") if im.mode in ("LA", "RGBA") else None
+        colour = im.convert(im.mode[:-1]) if alpha is not None else im
+        out = ImageCms.profileToProfile(colour, source, ImageCms.createProfile("sRGB"), outputMode="RGB")
+        if alpha is not None:
+            out.putalpha(alpha)
+        return out
     except (OSError, ValueError, ImageCms.PyCMSError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         log.warning(f"image {path}: its colour profile cannot be applied ({first}); its pixels are read as sRGB")

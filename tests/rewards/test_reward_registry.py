@@ -340,3 +340,22 @@ def test_rewards_import_nothing_of_the_world_package():
     assert not any(m.startswith("directalign.rewards.clip_score") for m in clip_imports)
     paths_imports = _imports(root.parent / "world_paths.py", "directalign")
     assert not any(m.startswith("directalign") for m in paths_imports)
+
+
+def test_dtype_names_are_one_map():
+    """``model.dtype`` and ``reward.dtype`` accept the same names, and every name resolves through the one map of
+    ``engine.precision`` (the planner, the trainer and the reward registry all read it)."""
+    from directalign.engine import finetune, precision
+    from directalign.engine.config import ModelConfig, RewardConfig
+    from directalign.engine.config_parse import choices_of
+    from directalign.plan import estimate
+    from directalign.rewards import registry
+
+    names = choices_of(ModelConfig, "dtype")
+    assert names == choices_of(RewardConfig, "dtype") == registry.DTYPE_NAMES == tuple(precision.DTYPES)
+    assert finetune.DTYPES is precision.DTYPES and estimate.DTYPES is precision.DTYPES
+    assert registry.DTYPES == precision.DTYPES
+    assert [registry.torch_dtype(n) for n in names] == [torch.float32, torch.bfloat16, torch.float16]
+    assert registry.torch_dtype(torch.float16) is torch.float16
+    with pytest.raises(RewardError, match="reward.dtype 'fp16'; choose from float32, bfloat16, float16"):
+        registry.torch_dtype("fp16")

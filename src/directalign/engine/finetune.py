@@ -16,9 +16,7 @@ from ..errors import TrainingError
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
 from . import precision
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
+from .precision import DTYPES  # noqa: F401  (re-exported: callers load weights in DTYPES[model.dtype])
 
 DEVICE_NAMES = "cpu | cuda | cuda:N | auto | mps"
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 
 COMPUTE_DTYPES = {"no": None, "bf16": torch.bfloat16}
+# the dtype names of the config (`model.dtype`, `reward.dtype`) -> torch dtypes; the one map every caller uses
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def compute_dtype(mixed_precision: str) -> torch.dtype | None:

@@ -41,6 +41,7 @@ from functools import partial
 import torch
 
 from ..adapters.loading import FAMILIES
+from ..engine.precision import DTYPES
 from . import probes, reward_models
 from .gpus import gpu as find_gpu
 from .measure import forward_cost, graph_cost
@@ -56,7 +57,6 @@ from .work import work_of
 
 RESERVE_GB = 2.0
 GIB = 1024 ** 3
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _bytes(dtype: torch.dtype) -> int:

@@ -40,15 +40,17 @@ def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
         return dtype
     if dtype not in DTYPE_NAMES:
         raise RewardError(f"reward.dtype {dtype!r}; choose from {', '.join(DTYPE_NAMES)}")
-    import torch
+    from ..engine.precision import DTYPES  # imported here: it imports torch
 
-    return getattr(torch, dtype)
+    return DTYPES[dtype]
 
 
 def __getattr__(name: str):
     # DTYPES (name -> torch dtype) is built on first use, so that importing the registry does not import torch
     if name == "DTYPES":
-        return {n: torch_dtype(n) for n in DTYPE_NAMES}
+        from ..engine.precision import DTYPES
+
+        return dict(DTYPES)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
