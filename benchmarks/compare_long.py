@@ -19,7 +19,7 @@ by more than ``--plateau-delta`` for ``--plateau-patience`` evaluations in a row
 (b) its training seconds reach ``--cap-minutes`` (or its step ``--max-steps``): "cap". ``--session-steps N`` makes
 every session N steps instead of a time share (exact reruns). Each method's base model is evaluated under its own
 config, which gives its own objective's starting value. ``--quick``: a ~15-minute subset (one method of each family
-of objectives, one seed, 2-minute cap; an estimate, not measured).
+of objectives, one seed, 2-minute cap; 11.9 min on 2 cores, ``benchmarks/results/compare_long_quick/``).
 
 Outputs under ``--out``: ``results.json`` (per run: every evaluation point with step, NFE with and without gradient,
 training seconds and every metric; the stop reason; per method its base point; plus the analysis of
