@@ -24,7 +24,8 @@ of objectives, one seed, 2-minute cap; 11.9 min on 2 cores, ``benchmarks/results
 Outputs under ``--out``: ``results.json`` (per run: every evaluation point with step, NFE with and without gradient,
 training seconds and every metric; the stop reason; per method its base point; plus the analysis of
 ``compare_reach``), ``table.md`` (finals, "Compute to reach SRPO's level", own-objective rise against the seed
-spread, drift warnings) and SVG curves of held-out reward, relative metric and fidelity against NFE and against
+spread, drift warnings) and SVG curves of held-out reward, relative metric, fidelity and the drift indicators
+(dark share, brightness, saturation, colourfulness, high-frequency energy, pixel diversity) against NFE and against
 training seconds.
 """
 

@@ -2,7 +2,8 @@
 each method needs to reach SRPO's final level, whether its own objective rose beyond its seed spread, the merge of
 per-method chunks, and the table and plots. Everything here is pure (no torch, no training) except the file writers.
 
-Curves. A run's curve is its held-out metric against x (NFE = transformer evaluations per sample row with + without
+Curves. A run's curve is one of its held-out metrics (``CURVE_METRICS``: rewards, fidelity and the drift
+indicators) against x (NFE = transformer evaluations per sample row with + without
 gradient, or the engine's training seconds), starting at the base model (x = 0). A method's seed-mean curve is
 evaluated on the union of its seeds' x values: each seed's curve linearly interpolated there and, past its last
 evaluation, held at its last value (by the stop rule a run stops at a plateau or at the cap), then averaged.
@@ -44,7 +45,11 @@ REACH_METRICS = ("relative", "fidelity")
 NEAR_FRACTION = 0.95  # "near SRPO's result": this share of its relative gain over the base (as time_to_quality)
 AXES = {"nfe": "NFE", "seconds": "train s"}
 CURVE_METRICS = {"reward": "held-out reward (absolute)", "relative": "relative (textured - flat)",
-                 "fidelity": "fidelity (analytic judge)"}
+                 "fidelity": "fidelity (analytic judge)",
+                 # the drift indicators (directalign.metrics.DRIFT_THRESHOLDS) and the tiny world's known hack
+                 "dark_share": "dark share (analytic judge)", "brightness": "brightness", "saturation": "saturation",
+                 "colourfulness": "colourfulness", "hf_energy": "high-frequency energy",
+                 "diversity_pixel": "pixel diversity within a prompt"}
 SHARED_BASE_KEYS = ("reward", "relative", "fidelity")  # what every method's base evaluation must agree on
 BASE_TOLERANCE = 1e-5
 NFE_LABEL = "transformer evaluations per sample row, with + without gradient (NFE, log scale)"

@@ -121,13 +121,18 @@ def test_objective_rise_against_two_seed_spreads(reach):
 
 
 # ------------------------------------------------------------------------------------- analysis and merging
+DRIFT = {"brightness": 0.5, "saturation": 0.7, "colourfulness": 0.5, "hf_energy": 0.001, "diversity_pixel": 0.15}
+
+
 def _pt(step, nfe, secs, rel, fid, own):
     return {"step": step, "nfe_no_grad": 0.75 * nfe, "nfe_grad": 0.25 * nfe, "train_seconds": secs,
-            "relative": rel, "fidelity": fid, "own_objective": own, "reward": 0.7 + rel / 10}
+            "relative": rel, "fidelity": fid, "own_objective": own, "reward": 0.7 + rel / 10,
+            "dark_share": max(rel, 0.0) / 2, **DRIFT}
 
 
 def _report(methods, eval_seeds=(0, 1), base_rel=-0.2):
-    base = {"reward": 0.68, "relative": base_rel, "fidelity": 0.96, "own_objective": None}
+    base = {"reward": 0.68, "relative": base_rel, "fidelity": 0.96, "own_objective": None, "dark_share": 0.0,
+            **DRIFT}
     return {"kind": "compare_long", "command": "python benchmarks/compare_long.py x", "started": "now",
             "total_seconds": 60.0, "eval_seeds": list(eval_seeds), "train_seeds": [42, 43],
             "machine": {"platform": "p", "cpus": 2, "torch": "t", "threads": 2, "device": "cpu"},
@@ -137,7 +142,8 @@ def _report(methods, eval_seeds=(0, 1), base_rel=-0.2):
 
 def _methods():
     def entry(own0, runs):
-        return {"base": {"reward": 0.68, "relative": -0.2, "fidelity": 0.96, "own_objective": own0},
+        return {"base": {"reward": 0.68, "relative": -0.2, "fidelity": 0.96, "own_objective": own0, "dark_share": 0.0,
+                         **DRIFT},
                 "runs": [{"seed": 42 + i, "points": p, "stop_reason": s, "peak_memory_mb": 600.0}
                          for i, (p, s) in enumerate(runs)]}
 
@@ -160,6 +166,9 @@ def test_analysis_gives_the_closed_form_ratios(reach):
     assert a["objective"]["grpo"]["rise"] == pytest.approx(0.05) and a["objective"]["grpo"]["rose"] is True
     assert a["objective"]["srpo"]["spread"] == 0.0 and a["objective"]["srpo"]["rose"] is True
     assert a["stops"]["srpo"] == ["plateau", "cap"]
+    # a drift curve: the base point, then the seed mean of GRPO's dark share (0, 0.2 and 0, 0.2) at its NFE
+    assert a["curves"]["grpo"]["dark_share/nfe"] == [(0.0, 0.0), (1000, 0.0), (3000, pytest.approx(0.2))]
+    assert a["curves"]["grpo"]["hf_energy/seconds"] == [(0.0, 0.001), (50, 0.001), (150, 0.001)]
 
 
 def _rows(table: str) -> list[str]:
@@ -186,7 +195,10 @@ def test_merge_of_chunks_gives_the_combined_table(reach, tmp_path):
     assert a["reach"]["relative/nfe"]["grpo"]["ratio"] == pytest.approx(10.0)
     table = (tmp_path / "out" / "table.md").read_text()
     assert "## Compute to reach SRPO's level" in table and "| DanceGRPO | 2,000 (10.00x) | 100.0 (5.00x) | - |" in table
-    assert len(list((tmp_path / "out").glob("*_vs_*.svg"))) == 6
+    assert len(list((tmp_path / "out").glob("*_vs_*.svg"))) == 2 * len(reach.CURVE_METRICS) == 18
+    dark = (tmp_path / "out" / "dark_share_vs_nfe.svg").read_text()
+    assert "dark share (analytic judge)" in dark and "DanceGRPO" in dark
+    assert "![dark share (analytic judge) against NFE](dark_share_vs_nfe.svg)" in table
 
 
 def test_arguments_quick_and_errors(long):
