@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from .config_parse import (ConfigError, build_section, check_section, choice, choices_of, coerce, deep_merge,  # noqa: F401
                            flat_diff, load_yaml, need, parse_override)
 
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # the values of model.dtype and reward.dtype (torch dtype names)
+
 
 @dataclass
 class ModelConfig:
@@ -19,7 +21,7 @@ class ModelConfig:
     # "tiny-world" is the generator shipped with the package; otherwise a hub id or a local diffusers directory.
     path: str = "tiny-world"
     # weights dtype as loaded; under fine-tuning the trainable weights are kept in float32 whatever this says
-    dtype: str = choice("float32", "bfloat16", "float16")
+    dtype: str = choice(*DTYPE_NAMES)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     height: int = 32
     width: int = 32
@@ -84,7 +86,7 @@ class RewardConfig:
     siglip_backbone: str = "google/siglip-so400m-patch14-384"  # aesthetic-v25: the SigLIP under the MLP head
     # clamp the resized image to [0, 1] before normalising (PIL-like); the official SRPO code does not
     clamp_resized: bool = True
-    dtype: str = choice("float32", "bfloat16", "float16")  # reward weights
+    dtype: str = choice(*DTYPE_NAMES)  # reward weights
     terms: RewardTerms = field(default_factory=RewardTerms)  # kind=sum only
 
     def __post_init__(self) -> None:

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import torch
 
+from .config import DTYPE_NAMES
+
 COMPUTE_DTYPES = {"no": None, "bf16": torch.bfloat16}
 # the dtype names of the config (`model.dtype`, `reward.dtype`) -> torch dtypes; the one map every caller uses
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def compute_dtype(mixed_precision: str) -> torch.dtype | None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from ..engine.config import DTYPE_NAMES  # the values of reward.dtype (torch-free)
 from ..errors import UserError
 from ..hub import clean_message
 from ..world_paths import reward_dir as tiny_world_reward_dir
@@ -30,7 +31,6 @@ if TYPE_CHECKING:  # torch loads with the first reward, not with this module: `d
 
     from .base import Reward
 
-DTYPE_NAMES = ("float32", "bfloat16", "float16")  # the values of reward.dtype
 log = logging.getLogger("directalign.rewards")
 
 
